@@ -1,0 +1,1 @@
+"""Generated ingestd.v1 API."""

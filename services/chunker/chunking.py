@@ -1,0 +1,185 @@
+"""Markdown-aware chunking sized in the embedding model's own tokens.
+
+semantic-text-splitter's MarkdownSplitter cuts at the highest Markdown level
+that fits (sections, then blocks, lists, code fences and table rows, then
+sentences and words), counting tokens with the model's tokenizer.json, and
+overlaps neighbouring chunks. This module adds what the pipeline needs on
+top: exact offsets, the heading path and page range of each chunk, and a
+final check that no chunk exceeds the model's limit.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+from semantic_text_splitter import MarkdownSplitter
+from tokenizers import Tokenizer
+
+from shared.hashing import chunk_sha
+
+CHUNKER_NAME = "markdown-splitter"
+
+_ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$")
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a normalized text."""
+
+    ord: int
+    text: str
+    start: int
+    end: int
+    token_count: int
+    sha: str
+    heading_path: list[str] = field(default_factory=list)
+    page_start: int | None = None
+    page_end: int | None = None
+
+    def meta(self) -> dict[str, object]:
+        """Metadata stored beside the chunk in the buffer and search table."""
+        meta: dict[str, object] = {
+            "start": self.start,
+            "end": self.end,
+            "token_count": self.token_count,
+            "heading_path": self.heading_path,
+        }
+        if self.page_start is not None:
+            meta["page_start"] = self.page_start
+            meta["page_end"] = self.page_end
+        return meta
+
+
+def heading_index(text: str) -> list[tuple[int, int, str]]:
+    """List (offset, level, title) of the ATX headings outside code fences."""
+    headings: list[tuple[int, int, str]] = []
+    fence: str | None = None
+    offset = 0
+    for line in text.split("\n"):
+        fence_match = _FENCE.match(line)
+        if fence_match:
+            marker = fence_match.group(1)
+            if fence is None:
+                fence = marker
+            elif marker[0] == fence[0] and len(marker) >= len(fence):
+                fence = None
+        elif fence is None:
+            heading = _ATX_HEADING.match(line)
+            if heading:
+                headings.append(
+                    (offset, len(heading.group(1)), heading.group(2).strip())
+                )
+        offset += len(line) + 1
+    return headings
+
+
+def heading_path_at(headings: list[tuple[int, int, str]], position: int) -> list[str]:
+    """Return the headings in force at position, outermost first."""
+    stack: list[tuple[int, str]] = []
+    for offset, level, title in headings:
+        if offset > position:
+            break
+        while stack and stack[-1][0] >= level:
+            stack.pop()
+        stack.append((level, title))
+    return [title for _, title in stack]
+
+
+class MarkdownChunker:
+    """Chunks text for one embedding model's tokenizer and limits."""
+
+    def __init__(
+        self,
+        tokenizer_path: Path,
+        *,
+        min_tokens: int,
+        max_tokens: int,
+        overlap_tokens: int,
+    ) -> None:
+        self.min_tokens = min_tokens
+        self.max_tokens = max_tokens
+        self.overlap_tokens = overlap_tokens
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        # tokenizer.json files often ship with truncation and padding on;
+        # both would hide a chunk's true length from the splitter.
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        # The splitter counts tokens without the special tokens ([CLS] and
+        # [SEP] for BERT models) that the model adds to every input, so the
+        # capacity leaves room for them.
+        self.special_tokens = len(
+            self.tokenizer.encode("", add_special_tokens=True).ids
+        )
+        capacity = (
+            max(1, min_tokens - self.special_tokens),
+            max_tokens - self.special_tokens,
+        )
+        self._splitter = MarkdownSplitter.from_huggingface_tokenizer(
+            self.tokenizer, capacity, overlap=overlap_tokens
+        )
+        tokenizer_sha = hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()[:12]
+        # Any change of library, tokenizer or sizes changes the version, and
+        # with it every chunk id, so old chunks are never silently reused.
+        self.version = (
+            f"sts-{version('semantic-text-splitter')}"
+            f"-tok-{tokenizer_sha}-t{min_tokens}-{max_tokens}-o{overlap_tokens}"
+        )
+        self.name = CHUNKER_NAME
+
+    def count_tokens(self, text: str) -> int:
+        """Return the model's token count for text, special tokens included."""
+        return len(self.tokenizer.encode(text, add_special_tokens=True).ids)
+
+    def chunk(self, text: str, page_offsets: list[int] | None = None) -> list[Chunk]:
+        """Chunk normalized text; page_offsets maps offsets to 1-based pages."""
+        headings = heading_index(text)
+        pieces: list[tuple[int, str]] = []
+        for start, piece in self._splitter.chunk_indices(text):
+            pieces.extend(self._enforce_limit(start, piece))
+        chunks = []
+        for ordinal, (start, piece) in enumerate(pieces):
+            end = start + len(piece)
+            page_start = page_end = None
+            if page_offsets:
+                page_start = bisect.bisect_right(page_offsets, start)
+                page_end = bisect.bisect_right(page_offsets, max(start, end - 1))
+            chunks.append(
+                Chunk(
+                    ord=ordinal,
+                    text=piece,
+                    start=start,
+                    end=end,
+                    token_count=self.count_tokens(piece),
+                    sha=chunk_sha(piece),
+                    heading_path=heading_path_at(headings, start),
+                    page_start=page_start,
+                    page_end=page_end,
+                )
+            )
+        return chunks
+
+    def _enforce_limit(self, start: int, piece: str) -> list[tuple[int, str]]:
+        # The splitter keeps to its capacity, but a tokenizer can count a
+        # piece differently once it stands alone (word boundaries change).
+        # Anything over the limit is cut at token offsets.
+        encoding = self.tokenizer.encode(piece, add_special_tokens=False)
+        if len(encoding.ids) + self.special_tokens <= self.max_tokens:
+            return [(start, piece)]
+        window = self.max_tokens - self.special_tokens
+        parts = []
+        for first in range(0, len(encoding.ids), window):
+            last = min(first + window, len(encoding.ids)) - 1
+            begin = encoding.offsets[first][0]
+            finish = encoding.offsets[last][1]
+            if first + window >= len(encoding.ids):
+                finish = len(piece)
+            part = piece[begin:finish]
+            if part.strip():
+                parts.append((start + begin, part))
+        return parts

@@ -1,0 +1,215 @@
+"""The embed stage: chunks_stored → embedding → embeddings_stored → complete."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import numpy as np
+
+from services.embedder.backends import EmbeddingBackend, validate_vectors
+from shared import ids, jobs
+from shared.errors import TransientError
+from shared.hashing import vector_sha
+from shared.jobs import EMBED_STAGE, ClaimedJob, Lease, Status
+from shared.worker import BaseWorker
+
+log = logging.getLogger(__name__)
+
+MISSING_CHUNKS_SQL = """
+SELECT c.chunk_id, c.chunk_ord, c.text
+FROM document_chunk_buffer AS c
+LEFT JOIN document_vector_buffer AS v
+  ON v.chunk_id = c.chunk_id AND v.embed_model = $4 AND v.embed_version = $5
+WHERE c.document_id = $1 AND c.chunker_name = $2 AND c.chunker_version = $3
+  AND v.chunk_id IS NULL
+ORDER BY c.chunk_ord
+LIMIT $6
+"""
+
+COUNT_SQL = """
+SELECT count(c.chunk_id) AS chunks, count(v.chunk_id) AS vectors
+FROM document_chunk_buffer AS c
+LEFT JOIN document_vector_buffer AS v
+  ON v.chunk_id = c.chunk_id AND v.embed_model = $4 AND v.embed_version = $5
+WHERE c.document_id = $1 AND c.chunker_name = $2 AND c.chunker_version = $3
+"""
+
+# An equal vector_sha makes the rewrite a no-op (no new row version); a
+# different one replaces the vector, and RETURNING reports which happened.
+UPSERT_VECTORS_SQL = """
+INSERT INTO document_vector_buffer AS v
+    (document_id, chunk_id, embed_model, embed_version, vector, vector_sha, batch_id)
+SELECT $1, chunk_id, $2, $3, vector, vector_sha, $4
+FROM unnest($5::uuid[], $6::vector[], $7::text[]) AS b(chunk_id, vector, vector_sha)
+ON CONFLICT (chunk_id, embed_model, embed_version) DO UPDATE
+    SET vector = EXCLUDED.vector,
+        vector_sha = EXCLUDED.vector_sha,
+        batch_id = EXCLUDED.batch_id,
+        updated_at = now()
+    WHERE v.vector_sha <> EXCLUDED.vector_sha
+RETURNING chunk_id, (xmax = 0) AS inserted
+"""
+
+PROMOTE_SQL = """
+INSERT INTO document_chunks
+    (chunk_id, embed_model, embed_version, job_id, document_id, user_id, chunk_ord,
+     chunker_name, chunker_version, chunk_sha, text, meta, embedding, vector_sha)
+SELECT c.chunk_id, v.embed_model, v.embed_version, $6, c.document_id, $7, c.chunk_ord,
+       c.chunker_name, c.chunker_version, c.chunk_sha, c.text, c.meta, v.vector, v.vector_sha
+FROM document_chunk_buffer AS c
+JOIN document_vector_buffer AS v
+  ON v.chunk_id = c.chunk_id AND v.embed_model = $4 AND v.embed_version = $5
+WHERE c.document_id = $1 AND c.chunker_name = $2 AND c.chunker_version = $3
+ON CONFLICT (chunk_id, embed_model, embed_version) DO NOTHING
+"""
+
+
+class EmbedWorker(BaseWorker):
+    """Embeds each job's chunks in micro-batches, then makes them searchable."""
+
+    spec = EMBED_STAGE
+
+    def __init__(self, *, backend: EmbeddingBackend, batch_size: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.backend = backend
+        self.batch_size = batch_size
+        self.embed_version = backend.embed_version
+
+    def _key(self, job: ClaimedJob) -> tuple:
+        return (
+            job.document_id,
+            job.chunker_name,
+            job.chunker_version,
+            job.embed_model,
+            job.embed_version,
+        )
+
+    async def process(self, job: ClaimedJob, lease: Lease) -> None:
+        if lease.status in (Status.EMBEDDING_QUEUED, Status.EMBEDDING_IN_PROGRESS):
+            await self._embed_missing(job, lease)
+        if lease.status == Status.EMBEDDINGS_STORED:
+            await self.finalize(job, lease)
+
+    async def _embed_missing(self, job: ClaimedJob, lease: Lease) -> None:
+        # Resuming after a crash: whatever is already in the vector buffer
+        # counts as done, and only chunks without a vector are embedded.
+        async with self.pool.acquire() as connection:
+            counts = await connection.fetchrow(COUNT_SQL, *self._key(job))
+        total, done = counts["chunks"], counts["vectors"]
+        if total != job.progress.get("chunks_total", total):
+            raise TransientError(
+                "chunk_count_mismatch",
+                f"the chunk buffer holds {total} chunks but the job expects "
+                f"{job.progress.get('chunks_total')}",
+            )
+        while True:
+            async with self.pool.acquire() as connection:
+                batch = await connection.fetch(
+                    MISSING_CHUNKS_SQL, *self._key(job), self.batch_size
+                )
+            if not batch:
+                break
+            texts = [row["text"] for row in batch]
+            vectors = await asyncio.to_thread(self.backend.embed, texts)
+            try:
+                validate_vectors(vectors, len(texts), self.backend.dimensions)
+            except ValueError as exc:
+                raise TransientError("invalid_embedding", str(exc)) from exc
+            written = await self.store_batch(
+                job, lease, batch, vectors, done_before=done
+            )
+            done += len(batch)
+            log.debug(
+                "stored embedding batch",
+                extra={
+                    "event": "embed_batch_stored",
+                    "job_id": str(job.job_id),
+                    "worker": self.worker_id,
+                    "batch": len(batch),
+                    "written": written,
+                    "done": done,
+                    "total": total,
+                },
+            )
+        async with self.pool.acquire() as connection, connection.transaction():
+            await jobs.update_progress(
+                connection,
+                lease,
+                Status.EMBEDDINGS_STORED,
+                {"embeds_total": total, "embeds_done": total},
+            )
+
+    async def store_batch(
+        self,
+        job: ClaimedJob,
+        lease: Lease,
+        batch: list[asyncpg.Record],
+        vectors: np.ndarray,
+        *,
+        done_before: int,
+    ) -> int:
+        """Persist one micro-batch with its progress update in one transaction.
+
+        Returns the number of vector rows inserted or changed: 0 when the
+        batch was already stored with equal vectors.
+        """
+        chunk_ids = [row["chunk_id"] for row in batch]
+        batch_id = ids.batch_id(
+            job.job_id,
+            job.embed_model,
+            job.embed_version,
+            batch[0]["chunk_ord"],
+            batch[-1]["chunk_ord"],
+        )
+        shas = [vector_sha(vector) for vector in vectors]
+        async with self.pool.acquire() as connection, connection.transaction():
+            await jobs.update_progress(
+                connection,
+                lease,
+                Status.EMBEDDING_IN_PROGRESS,
+                {"embeds_done": done_before + len(batch)},
+            )
+            rows = await connection.fetch(
+                UPSERT_VECTORS_SQL,
+                job.document_id,
+                job.embed_model,
+                job.embed_version,
+                batch_id,
+                chunk_ids,
+                list(vectors),
+                shas,
+            )
+        replaced = [row["chunk_id"] for row in rows if not row["inserted"]]
+        if replaced:
+            log.warning(
+                "replaced stored vectors that differed",
+                extra={
+                    "event": "vectors_replaced",
+                    "job_id": str(job.job_id),
+                    "worker": self.worker_id,
+                    "chunk_ids": [str(chunk_id) for chunk_id in replaced[:20]],
+                    "count": len(replaced),
+                },
+            )
+        return len(rows)
+
+    async def finalize(self, job: ClaimedJob, lease: Lease) -> None:
+        """Promote the buffers to document_chunks and mark the job complete, atomically."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            await jobs.advance(connection, lease, Status.COMPLETE, keep_lease=False)
+            result = await connection.execute(
+                PROMOTE_SQL, *self._key(job), job.job_id, job.user_id
+            )
+        log.info(
+            "job complete",
+            extra={
+                "event": "job_complete",
+                "job_id": str(job.job_id),
+                "document_id": str(job.document_id),
+                "worker": self.worker_id,
+                "stage": self.spec.name,
+                "promoted": int(result.split()[-1]),
+            },
+        )

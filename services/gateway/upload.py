@@ -1,0 +1,585 @@
+"""UploadService: accept files, report on jobs and documents, delete them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import grpc
+
+from ingestd.v1 import upload_service_pb2 as pb
+from ingestd.v1 import upload_service_pb2_grpc as pb_grpc
+from services.gateway import pagination
+from services.gateway.identity import IdentityCache, IdentityUnavailableError
+from services.gateway.parsing import ParseError, sniff_content_type
+from shared import ids, jobs
+from shared.config import Settings
+from shared.grpc_server import abort, current_user
+from shared.jobs import RETRY_TARGETS, TERMINAL_STATUSES, Status
+from shared.notify import JobListener
+from shared.proto_convert import document_to_proto, job_to_proto, status_from_proto
+from shared.storage import BlobWriter, LocalBlobStore, parsed_key, raw_key
+
+log = logging.getLogger(__name__)
+
+SNIFF_BYTES = 8192
+# WatchJob re-reads the job at least this often, in case a notification was
+# lost.
+WATCH_POLL_SECONDS = 2.0
+_CONTROL = dict.fromkeys(range(32), None) | {0x7F: None}
+
+
+def display_filename(name: str) -> str:
+    """Clean a client-supplied file name for display: no path, no controls."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1].translate(_CONTROL).strip()
+    return name[:255]
+
+
+class UploadServicer(pb_grpc.UploadServiceServicer):
+    """Implements ingestd.v1.UploadService."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        storage: LocalBlobStore,
+        settings: Settings,
+        identity: IdentityCache,
+        listener: JobListener,
+    ) -> None:
+        self.pool = pool
+        self.storage = storage
+        self.settings = settings
+        self.identity = identity
+        self.listener = listener
+
+    # Upload ---------------------------------------------------------------
+
+    async def Upload(
+        self,
+        request_iterator: AsyncIterator[pb.UploadRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.UploadResponse:
+        user = current_user()
+        try:
+            identity = await self.identity.get()
+        except IdentityUnavailableError as exc:
+            await abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                str(exc),
+                reason="PIPELINE_UNAVAILABLE",
+            )
+        metadata: pb.UploadMetadata | None = None
+        writer: BlobWriter | None = None
+        digest = hashlib.sha256()
+        size = 0
+        head = bytearray()
+        committed = False
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("payload")
+                if kind == "metadata":
+                    if metadata is not None:
+                        await self._bad_stream(
+                            context, "metadata was sent twice; send it once, first"
+                        )
+                    metadata = message.metadata
+                    await self._check_declared_size(context, metadata)
+                    writer = await asyncio.to_thread(self.storage.open_writer)
+                    continue
+                if metadata is None or writer is None:
+                    await self._bad_stream(
+                        context,
+                        "the first message must carry metadata; send it before any chunk",
+                    )
+                    return pb.UploadResponse()
+                if kind != "chunk":
+                    continue
+                data = message.chunk
+                size += len(data)
+                if size > self.settings.max_upload_bytes:
+                    await abort(
+                        context,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"upload exceeds the maximum of {self.settings.max_upload_bytes} bytes "
+                        "(INGESTD_MAX_UPLOAD_BYTES); split the file or raise the limit",
+                        reason="UPLOAD_TOO_LARGE",
+                    )
+                digest.update(data)
+                if len(head) < SNIFF_BYTES:
+                    head += data[: SNIFF_BYTES - len(head)]
+                await asyncio.to_thread(writer.write, data)
+            if metadata is None or writer is None:
+                await self._bad_stream(
+                    context, "the stream was empty; send a metadata message first"
+                )
+                return pb.UploadResponse()
+            if metadata.size_bytes and metadata.size_bytes != size:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"metadata.size_bytes is {metadata.size_bytes} but {size} bytes arrived; "
+                    "the upload was cut short, send it again",
+                    reason="SIZE_MISMATCH",
+                    field_name="metadata.size_bytes",
+                )
+            try:
+                content_type = sniff_content_type(
+                    bytes(head), metadata.filename, metadata.content_type
+                )
+            except ParseError as exc:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    exc.message,
+                    reason="UNSUPPORTED_TYPE",
+                )
+            raw_sha = digest.hexdigest()
+            document_id = ids.document_id(user, raw_sha)
+            key = raw_key(user, document_id)
+            await asyncio.to_thread(writer.commit, key)
+            committed = True
+            return await self._record_upload(
+                context,
+                user,
+                metadata,
+                content_type,
+                size,
+                raw_sha,
+                document_id,
+                key,
+                identity,
+            )
+        finally:
+            if writer is not None and not committed:
+                await asyncio.to_thread(writer.abort)
+
+    async def _bad_stream(
+        self, context: grpc.aio.ServicerContext, message: str
+    ) -> None:
+        await abort(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            message,
+            reason="BAD_UPLOAD_STREAM",
+        )
+
+    async def _check_declared_size(
+        self, context: grpc.aio.ServicerContext, metadata: pb.UploadMetadata
+    ) -> None:
+        if metadata.size_bytes < 0:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"metadata.size_bytes is {metadata.size_bytes}; use the file size, or 0 if unknown",
+                reason="BAD_SIZE",
+                field_name="metadata.size_bytes",
+            )
+        if metadata.size_bytes > self.settings.max_upload_bytes:
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"file of {metadata.size_bytes} bytes exceeds the maximum of "
+                f"{self.settings.max_upload_bytes} bytes (INGESTD_MAX_UPLOAD_BYTES)",
+                reason="UPLOAD_TOO_LARGE",
+                field_name="metadata.size_bytes",
+            )
+
+    async def _record_upload(
+        self,
+        context: grpc.aio.ServicerContext,
+        user: str,
+        metadata: pb.UploadMetadata,
+        content_type: str,
+        size: int,
+        raw_sha: str,
+        document_id: uuid.UUID,
+        key: str,
+        identity: Any,
+    ) -> pb.UploadResponse:
+        job_id = ids.job_id(
+            document_id,
+            identity.chunker_name,
+            identity.chunker_version,
+            identity.embed_model,
+            identity.embed_version,
+        )
+        async with self.pool.acquire() as connection, connection.transaction():
+            inserted_document = await connection.fetchval(
+                """
+                INSERT INTO documents (document_id, user_id, filename, content_type,
+                    declared_content_type, byte_size, raw_sha256, raw_path)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                ON CONFLICT DO NOTHING
+                RETURNING document_id
+                """,
+                document_id,
+                user,
+                display_filename(metadata.filename),
+                content_type,
+                metadata.content_type[:255],
+                size,
+                raw_sha,
+                key,
+            )
+            inserted_job = await connection.fetchval(
+                """
+                INSERT INTO upload_jobs (job_id, user_id, document_id, status, raw_path,
+                    chunker_name, chunker_version, embed_model, embed_version,
+                    max_attempts, parse_password)
+                VALUES ($1, $2, $3, 'uploaded', $4, $5, $6, $7, $8, $9, $10)
+                ON CONFLICT DO NOTHING
+                RETURNING job_id
+                """,
+                job_id,
+                user,
+                document_id,
+                key,
+                identity.chunker_name,
+                identity.chunker_version,
+                identity.embed_model,
+                identity.embed_version,
+                self.settings.max_attempts,
+                metadata.password or None,
+            )
+            if inserted_job is not None:
+                await jobs.record_event(
+                    connection,
+                    job_id,
+                    None,
+                    Status.UPLOADED,
+                    worker=None,
+                    lease_token=None,
+                    detail={
+                        "action": "upload",
+                        "bytes": size,
+                        "content_type": content_type,
+                    },
+                )
+                await jobs.notify(connection, job_id, Status.UPLOADED)
+            document = await connection.fetchrow(
+                "SELECT * FROM documents WHERE document_id = $1", document_id
+            )
+            job = await connection.fetchrow(
+                "SELECT * FROM upload_jobs WHERE job_id = $1", job_id
+            )
+        duplicate = inserted_document is None
+        log.info(
+            "upload stored",
+            extra={
+                "event": "upload_stored",
+                "document_id": str(document_id),
+                "job_id": str(job_id),
+                "bytes": size,
+                "content_type": content_type,
+                "duplicate": duplicate,
+            },
+        )
+        return pb.UploadResponse(
+            document=document_to_proto(document),
+            job=job_to_proto(job),
+            duplicate=duplicate,
+        )
+
+    # Jobs -----------------------------------------------------------------
+
+    async def _parse_id(
+        self, context: grpc.aio.ServicerContext, value: str, field: str
+    ) -> uuid.UUID:
+        try:
+            return ids.parse_uuid(value, field)
+        except ValueError as exc:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                str(exc),
+                reason="INVALID_ID",
+                field_name=field,
+            )
+            raise
+
+    async def _fetch_job(
+        self, context: grpc.aio.ServicerContext, job_id: str
+    ) -> asyncpg.Record:
+        parsed = await self._parse_id(context, job_id, "job_id")
+        async with self.pool.acquire() as connection:
+            row = await connection.fetchrow(
+                "SELECT * FROM upload_jobs WHERE job_id = $1 AND user_id = $2",
+                parsed,
+                current_user(),
+            )
+        if row is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"job {job_id} not found",
+                reason="JOB_NOT_FOUND",
+            )
+        return row
+
+    async def GetJob(
+        self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetJobResponse:
+        return pb.GetJobResponse(
+            job=job_to_proto(await self._fetch_job(context, request.job_id))
+        )
+
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchJobResponse]:
+        row = await self._fetch_job(context, request.job_id)
+        changed = asyncio.Event()
+        job_key = str(row["job_id"])
+
+        def on_notification(payload: dict[str, Any] | None) -> None:
+            if payload is None or payload.get("job_id") == job_key:
+                changed.set()
+
+        unsubscribe = self.listener.subscribe(on_notification)
+        try:
+            last: tuple | None = None
+            while True:
+                changed.clear()
+                snapshot = (row["status"], row["updated_at"], str(row["progress"]))
+                if snapshot != last:
+                    last = snapshot
+                    yield pb.WatchJobResponse(job=job_to_proto(row))
+                if row["status"] in TERMINAL_STATUSES:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout=WATCH_POLL_SECONDS)
+                async with self.pool.acquire() as connection:
+                    fresh = await connection.fetchrow(
+                        "SELECT * FROM upload_jobs WHERE job_id = $1", row["job_id"]
+                    )
+                if fresh is None:
+                    await abort(
+                        context,
+                        grpc.StatusCode.NOT_FOUND,
+                        f"job {job_key} was deleted while being watched",
+                        reason="JOB_NOT_FOUND",
+                    )
+                row = fresh
+        finally:
+            unsubscribe()
+
+    async def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListJobsResponse:
+        try:
+            size = pagination.page_size(request.page_size)
+            after = pagination.decode_token(request.page_token)
+            statuses = [str(status_from_proto(value)) for value in request.statuses]
+        except ValueError as exc:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                str(exc),
+                reason="INVALID_ARGUMENT",
+            )
+        document_id = None
+        if request.document_id:
+            document_id = await self._parse_id(
+                context, request.document_id, "document_id"
+            )
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(
+                """
+                SELECT * FROM upload_jobs
+                WHERE user_id = $1
+                  AND (cardinality($2::text[]) = 0 OR status = ANY($2::text[]))
+                  AND ($3::uuid IS NULL OR document_id = $3)
+                  AND ($4::timestamptz IS NULL OR (created_at, job_id) < ($4, $5::uuid))
+                ORDER BY created_at DESC, job_id DESC
+                LIMIT $6
+                """,
+                current_user(),
+                statuses,
+                document_id,
+                after[0] if after else None,
+                after[1] if after else None,
+                size + 1,
+            )
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = pagination.encode_token(rows[-1]["created_at"], rows[-1]["job_id"])
+        return pb.ListJobsResponse(
+            jobs=[job_to_proto(row) for row in rows], next_page_token=token
+        )
+
+    async def RetryJob(
+        self, request: pb.RetryJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RetryJobResponse:
+        row = await self._fetch_job(context, request.job_id)
+        status = Status(row["status"])
+        target = RETRY_TARGETS.get(status)
+        if target is None:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {request.job_id} is {status}; only jobs in a failed status can be retried",
+                reason="JOB_NOT_FAILED",
+            )
+        async with self.pool.acquire() as connection, connection.transaction():
+            updated = await connection.fetchrow(
+                """
+                UPDATE upload_jobs
+                SET status = $3, retry_count = 0, attempts = 0, run_after = now(),
+                    lease_token = NULL, leased_by = NULL, lease_expires_at = NULL,
+                    heartbeat_at = NULL, updated_at = now()
+                WHERE job_id = $1 AND status = $2
+                RETURNING *
+                """,
+                row["job_id"],
+                str(status),
+                str(target),
+            )
+            if updated is None:
+                await abort(
+                    context,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"job {request.job_id} changed status meanwhile; fetch it and try again",
+                    reason="JOB_CHANGED",
+                )
+            await jobs.record_event(
+                connection,
+                row["job_id"],
+                str(status),
+                str(target),
+                worker=None,
+                lease_token=None,
+                detail={"action": "retry_job"},
+            )
+            await jobs.notify(connection, row["job_id"], str(target))
+        return pb.RetryJobResponse(job=job_to_proto(updated))
+
+    # Documents ------------------------------------------------------------
+
+    async def _fetch_document(
+        self, context: grpc.aio.ServicerContext, document_id: str
+    ) -> asyncpg.Record:
+        parsed = await self._parse_id(context, document_id, "document_id")
+        async with self.pool.acquire() as connection:
+            row = await connection.fetchrow(
+                "SELECT * FROM documents WHERE document_id = $1 AND user_id = $2",
+                parsed,
+                current_user(),
+            )
+        if row is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"document {document_id} not found",
+                reason="DOCUMENT_NOT_FOUND",
+            )
+        return row
+
+    async def GetDocument(
+        self, request: pb.GetDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetDocumentResponse:
+        document = await self._fetch_document(context, request.document_id)
+        async with self.pool.acquire() as connection:
+            job_rows = await connection.fetch(
+                "SELECT * FROM upload_jobs WHERE document_id = $1 ORDER BY created_at DESC",
+                document["document_id"],
+            )
+        return pb.GetDocumentResponse(
+            document=document_to_proto(document),
+            jobs=[job_to_proto(row) for row in job_rows],
+        )
+
+    async def ListDocuments(
+        self, request: pb.ListDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDocumentsResponse:
+        try:
+            size = pagination.page_size(request.page_size)
+            after = pagination.decode_token(request.page_token)
+        except ValueError as exc:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                str(exc),
+                reason="INVALID_ARGUMENT",
+            )
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(
+                """
+                SELECT * FROM documents
+                WHERE user_id = $1
+                  AND ($2::timestamptz IS NULL OR (created_at, document_id) < ($2, $3::uuid))
+                ORDER BY created_at DESC, document_id DESC
+                LIMIT $4
+                """,
+                current_user(),
+                after[0] if after else None,
+                after[1] if after else None,
+                size + 1,
+            )
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = pagination.encode_token(
+                rows[-1]["created_at"], rows[-1]["document_id"]
+            )
+        return pb.ListDocumentsResponse(
+            documents=[document_to_proto(row) for row in rows], next_page_token=token
+        )
+
+    async def DeleteDocument(
+        self, request: pb.DeleteDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteDocumentResponse:
+        document = await self._fetch_document(context, request.document_id)
+        document_id = document["document_id"]
+        async with self.pool.acquire() as connection, connection.transaction():
+            # Locking the document row first orders this delete after any
+            # upload of the same bytes that is committing right now.
+            locked = await connection.fetchval(
+                "SELECT 1 FROM documents WHERE document_id = $1 FOR UPDATE", document_id
+            )
+            if locked is None:
+                await abort(
+                    context,
+                    grpc.StatusCode.NOT_FOUND,
+                    f"document {request.document_id} not found",
+                    reason="DOCUMENT_NOT_FOUND",
+                )
+            chunks = await connection.fetchval(
+                "WITH d AS (DELETE FROM document_chunks WHERE document_id = $1 RETURNING 1) "
+                "SELECT count(*) FROM d",
+                document_id,
+            )
+            job_count = await connection.fetchval(
+                "SELECT count(*) FROM upload_jobs WHERE document_id = $1", document_id
+            )
+            # Jobs, events and both buffers go with the document through
+            # ON DELETE CASCADE.
+            await connection.execute(
+                "DELETE FROM documents WHERE document_id = $1", document_id
+            )
+        user = document["user_id"]
+        await asyncio.to_thread(self._delete_blobs, user, document_id)
+        log.info(
+            "document deleted",
+            extra={
+                "event": "document_deleted",
+                "document_id": str(document_id),
+                "chunks": chunks,
+                "jobs": job_count,
+            },
+        )
+        return pb.DeleteDocumentResponse(
+            document_id=str(document_id), chunks_deleted=chunks, jobs_deleted=job_count
+        )
+
+    def _delete_blobs(self, user: str, document_id: uuid.UUID) -> None:
+        self.storage.delete(raw_key(user, document_id))
+        self.storage.delete(parsed_key(user, document_id))
+        self.storage.delete_prefix(f"archive/{user}/{document_id}")

@@ -1,0 +1,146 @@
+"""Settings for every ingestd process, read from ``INGESTD_*`` variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Typed settings. Each field is read from ``INGESTD_<FIELD NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="INGESTD_", extra="ignore")
+
+    # Database. Unset means the embedded PostgreSQL under data_dir.
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL; unset starts an embedded server in data_dir",
+    )
+    data_dir: Path = Field(
+        default_factory=lambda: platformdirs.user_data_path("ingestd"),
+        description="folder for the embedded database and the default blob store",
+    )
+    storage_dir: Path | None = Field(
+        default=None, description="blob store folder; unset means data_dir/blobs"
+    )
+    db_pool_min_size: int = Field(default=1, ge=0, le=100)
+    db_pool_max_size: int = Field(default=8, ge=1, le=500)
+
+    # Network. Every service binds host; the gateway reaches the embedder
+    # at embedder_address.
+    host: str = "127.0.0.1"
+    gateway_port: int = Field(default=50051, ge=0, le=65535)
+    chunker_port: int = Field(default=50052, ge=0, le=65535)
+    embedder_port: int = Field(default=50053, ge=0, le=65535)
+    embedder_address: str | None = Field(
+        default=None,
+        description="host:port of the embedder; unset means host:embedder_port",
+    )
+    chunker_address: str | None = Field(
+        default=None,
+        description="host:port of the chunker; unset means host:chunker_port",
+    )
+    grpc_max_message_bytes: int = Field(default=8 * MiB, ge=MiB)
+    grpc_max_concurrent_rpcs: int = Field(default=256, ge=1)
+    default_user: str = Field(
+        default="local",
+        min_length=1,
+        description="user id for calls that carry no x-ingestd-user metadata",
+    )
+
+    # Worker and claim protocol.
+    worker_enabled: bool = True
+    lease_seconds: float = Field(default=60.0, gt=0.5, le=3600)
+    poll_interval_seconds: float = Field(default=5.0, gt=0, le=300)
+    claim_batch_size: int = Field(default=4, ge=1, le=100)
+    max_concurrent_jobs: int = Field(default=2, ge=1, le=64)
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    max_retries: int = Field(default=3, ge=0, le=20)
+    backoff_base_seconds: float = Field(default=3.0, gt=0)
+    backoff_max_seconds: float = Field(default=300.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=600)
+
+    # Upload and parse.
+    max_upload_bytes: int = Field(default=100 * MiB, ge=1)
+    upload_chunk_bytes: int = Field(default=64 * 1024, ge=1024)
+    parse_timeout_seconds: float = Field(default=300.0, gt=0)
+    parse_memory_limit_bytes: int = Field(default=2048 * MiB, ge=64 * MiB)
+
+    # Chunking, in the embedding model's tokens with special tokens counted.
+    chunk_min_tokens: int = Field(default=200, ge=1)
+    chunk_max_tokens: int = Field(default=256, ge=8)
+    chunk_overlap_tokens: int = Field(default=32, ge=0)
+
+    # Embedding.
+    embed_backend: Literal["sentence-transformers"] = "sentence-transformers"
+    embed_model_path: Path | None = Field(
+        default=None,
+        description="sentence-transformers model folder; unset means the packaged all-MiniLM-L6-v2",
+    )
+    embed_batch_size: int = Field(default=64, ge=1, le=256)
+    embed_threads: int = Field(
+        default=0, ge=0, description="torch threads; 0 keeps the default"
+    )
+
+    # Buffer retention: buffer rows of complete jobs are archived and deleted
+    # after this long.
+    buffer_retention_seconds: float = Field(default=7 * 24 * 3600.0, ge=0)
+    archive_interval_seconds: float = Field(default=600.0, gt=0)
+
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> Settings:
+        if self.chunk_min_tokens > self.chunk_max_tokens:
+            raise ValueError(
+                f"INGESTD_CHUNK_MIN_TOKENS ({self.chunk_min_tokens}) must not exceed "
+                f"INGESTD_CHUNK_MAX_TOKENS ({self.chunk_max_tokens})"
+            )
+        if self.chunk_overlap_tokens >= self.chunk_min_tokens:
+            raise ValueError(
+                f"INGESTD_CHUNK_OVERLAP_TOKENS ({self.chunk_overlap_tokens}) must be "
+                f"smaller than INGESTD_CHUNK_MIN_TOKENS ({self.chunk_min_tokens})"
+            )
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ValueError(
+                "INGESTD_DB_POOL_MIN_SIZE must not exceed INGESTD_DB_POOL_MAX_SIZE"
+            )
+        return self
+
+    @property
+    def blob_dir(self) -> Path:
+        """Folder of the local blob store."""
+        return self.storage_dir or self.data_dir / "blobs"
+
+    @property
+    def pgdata_dir(self) -> Path:
+        """Data folder of the embedded PostgreSQL."""
+        return self.data_dir / "pgdata"
+
+    @property
+    def embedder_target(self) -> str:
+        """Address the gateway dials to reach the embedder."""
+        return self.embedder_address or f"{self.host}:{self.embedder_port}"
+
+    @property
+    def chunker_target(self) -> str:
+        """Address the gateway dials to reach the chunker."""
+        return self.chunker_address or f"{self.host}:{self.chunker_port}"
+
+    def heartbeat_interval_seconds(self) -> float:
+        """Seconds between lease renewals: a quarter of the lease."""
+        return self.lease_seconds / 4
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read once from the environment."""
+    return Settings()

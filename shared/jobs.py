@@ -1,0 +1,590 @@
+"""The job state machine and every SQL statement that moves a job.
+
+Statuses, which stage owns each, and the guarded updates live here, so the
+rules of the pipeline can be reviewed in one file. Every transition is
+guarded by the status the worker expects and by its lease token: an update
+that matches no row means the lease was lost, and the caller must drop its
+work rather than overwrite someone else's.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import asyncpg
+
+# Channel for every job notification. The payload is a small JSON object:
+# {"job_id": "...", "status": "..."}. The version suffix lets a later payload
+# format use a new channel while old and new replicas run side by side.
+NOTIFY_CHANNEL = "ingestd_jobs_v1"
+
+
+class Status(StrEnum):
+    """Values of ``upload_jobs.status``, in pipeline order."""
+
+    UPLOADED = "uploaded"
+    PARSE_QUEUED = "parse_queued"
+    PARSED = "parsed"
+    PARSE_VALIDATED = "parse_validated"
+    CHUNKING = "chunking"
+    CHUNKS_STORED = "chunks_stored"
+    EMBEDDING_QUEUED = "embedding_queued"
+    EMBEDDING_IN_PROGRESS = "embedding_in_progress"
+    EMBEDDINGS_STORED = "embeddings_stored"
+    COMPLETE = "complete"
+    FAILED_PARSE = "failed_parse"
+    FAILED_CHUNKING = "failed_chunking"
+    FAILED_EMBEDDING = "failed_embedding"
+
+
+TERMINAL_STATUSES = frozenset(
+    {
+        Status.COMPLETE,
+        Status.FAILED_PARSE,
+        Status.FAILED_CHUNKING,
+        Status.FAILED_EMBEDDING,
+    }
+)
+
+# RetryJob moves a failed job back to the last status that succeeded.
+RETRY_TARGETS: Mapping[Status, Status] = {
+    Status.FAILED_PARSE: Status.UPLOADED,
+    Status.FAILED_CHUNKING: Status.PARSE_VALIDATED,
+    Status.FAILED_EMBEDDING: Status.CHUNKS_STORED,
+}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """The statuses one stage claims, and what a claim turns each into.
+
+    ``claims`` maps a claimable status to the status the job has while a
+    worker holds it. In-flight statuses map to themselves: they are claimable
+    only after their lease expired, when the worker that held them died.
+    ``releases`` maps an in-flight status to the status a draining worker
+    hands the job back in.
+    """
+
+    name: str
+    claims: Mapping[Status, Status]
+    releases: Mapping[Status, Status]
+    failed: Status
+
+    @property
+    def owned(self) -> frozenset[Status]:
+        """Every status a worker of this stage may hold a lease in."""
+        return frozenset(self.claims.values()) | frozenset(self.claims.keys())
+
+
+PARSE_STAGE = StageSpec(
+    name="parse",
+    claims={
+        Status.UPLOADED: Status.PARSE_QUEUED,
+        Status.PARSE_QUEUED: Status.PARSE_QUEUED,
+        Status.PARSED: Status.PARSED,
+    },
+    releases={Status.PARSE_QUEUED: Status.UPLOADED, Status.PARSED: Status.PARSED},
+    failed=Status.FAILED_PARSE,
+)
+CHUNK_STAGE = StageSpec(
+    name="chunk",
+    claims={Status.PARSE_VALIDATED: Status.CHUNKING, Status.CHUNKING: Status.CHUNKING},
+    releases={Status.CHUNKING: Status.PARSE_VALIDATED},
+    failed=Status.FAILED_CHUNKING,
+)
+EMBED_STAGE = StageSpec(
+    name="embed",
+    claims={
+        Status.CHUNKS_STORED: Status.EMBEDDING_QUEUED,
+        Status.EMBEDDING_QUEUED: Status.EMBEDDING_QUEUED,
+        Status.EMBEDDING_IN_PROGRESS: Status.EMBEDDING_IN_PROGRESS,
+        Status.EMBEDDINGS_STORED: Status.EMBEDDINGS_STORED,
+    },
+    releases={
+        Status.EMBEDDING_QUEUED: Status.CHUNKS_STORED,
+        Status.EMBEDDING_IN_PROGRESS: Status.EMBEDDING_IN_PROGRESS,
+        Status.EMBEDDINGS_STORED: Status.EMBEDDINGS_STORED,
+    },
+    failed=Status.FAILED_EMBEDDING,
+)
+STAGES: Mapping[str, StageSpec] = {
+    spec.name: spec for spec in (PARSE_STAGE, CHUNK_STAGE, EMBED_STAGE)
+}
+
+
+class LeaseLostError(Exception):
+    """A guarded update matched no row: another worker owns the job now, or
+    the job was deleted. The work in hand must be dropped."""
+
+    def __init__(self, job_id: uuid.UUID, expected: str) -> None:
+        super().__init__(
+            f"lease on job {job_id} was lost (expected status {expected!r}); "
+            "dropping the work in hand"
+        )
+        self.job_id = job_id
+        self.expected = expected
+
+
+@dataclass
+class Lease:
+    """A worker's hold on one job, with the status it expects the job in."""
+
+    job_id: uuid.UUID
+    token: uuid.UUID
+    worker: str
+    status: Status
+    lost: bool = False
+
+
+@dataclass
+class ClaimedJob:
+    """A job row as returned by a claim."""
+
+    job_id: uuid.UUID
+    user_id: str
+    document_id: uuid.UUID
+    status: Status
+    claimed_from: Status
+    raw_path: str
+    parsed_path: str | None
+    parsed_sha256: str | None
+    chunker_name: str
+    chunker_version: str
+    embed_model: str
+    embed_version: str
+    progress: dict[str, int]
+    retry_count: int
+    attempts: int
+    max_attempts: int
+    lease_token: uuid.UUID
+    parse_password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> ClaimedJob:
+        return cls(
+            job_id=record["job_id"],
+            user_id=record["user_id"],
+            document_id=record["document_id"],
+            status=Status(record["status"]),
+            claimed_from=Status(record["claimed_from"]),
+            raw_path=record["raw_path"],
+            parsed_path=record["parsed_path"],
+            parsed_sha256=record["parsed_sha256"],
+            chunker_name=record["chunker_name"],
+            chunker_version=record["chunker_version"],
+            embed_model=record["embed_model"],
+            embed_version=record["embed_version"],
+            progress=dict(record["progress"]),
+            retry_count=record["retry_count"],
+            attempts=record["attempts"],
+            max_attempts=record["max_attempts"],
+            lease_token=record["lease_token"],
+            parse_password=record["parse_password"],
+        )
+
+
+CLAIM_SQL = """
+WITH candidates AS (
+    SELECT job_id, status AS claimed_from
+    FROM upload_jobs
+    -- Served by the partial index upload_jobs_claim_idx, which holds only
+    -- jobs that are not terminal.
+    WHERE status = ANY($1::text[])
+      AND status NOT IN ('complete', 'failed_parse', 'failed_chunking', 'failed_embedding')
+      -- Backoff: a retried job waits until run_after.
+      AND run_after <= now()
+      -- A job with a live lease belongs to another worker. An expired lease
+      -- means its worker died or froze, and the job is up for grabs.
+      AND (lease_expires_at IS NULL OR lease_expires_at < now())
+      -- A worker takes only jobs stamped with its own chunker or model
+      -- version, so replicas of two versions can run side by side.
+      AND ($7::text IS NULL OR chunker_version = $7)
+      AND ($8::text IS NULL OR embed_version = $8)
+    ORDER BY run_after, created_at
+    LIMIT $2
+    -- A row lock held only for this short transaction: other claimers skip
+    -- the rows instead of waiting, then the lease keeps them away.
+    FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE upload_jobs AS j
+    SET status = t.to_status,
+        lease_token = gen_random_uuid(),
+        leased_by = $5,
+        lease_expires_at = now() + make_interval(secs => $6),
+        heartbeat_at = now(),
+        -- Counted at claim, so a document that kills its worker every time
+        -- still runs out of attempts.
+        attempts = j.attempts + 1,
+        updated_at = now()
+    FROM candidates AS c
+    JOIN unnest($3::text[], $4::text[]) AS t(from_status, to_status)
+      ON t.from_status = c.claimed_from
+    WHERE j.job_id = c.job_id
+    RETURNING j.*, c.claimed_from
+),
+events AS (
+    INSERT INTO job_events (job_id, from_status, to_status, worker, lease_token, detail)
+    SELECT job_id, claimed_from, status, leased_by, lease_token,
+           jsonb_build_object('action', 'claim', 'attempt', attempts)
+    FROM claimed
+)
+SELECT * FROM claimed
+"""
+
+
+async def claim_jobs(
+    connection: asyncpg.Connection,
+    spec: StageSpec,
+    *,
+    worker: str,
+    limit: int,
+    lease_seconds: float,
+    chunker_version: str | None = None,
+    embed_version: str | None = None,
+) -> list[ClaimedJob]:
+    """Claim up to limit jobs for a stage in one short transaction.
+
+    chunker_version and embed_version, when given, restrict the claim to
+    jobs stamped with that version.
+    """
+    sources = [str(status) for status in spec.claims]
+    targets = [str(spec.claims[status]) for status in spec.claims]
+    async with connection.transaction():
+        rows = await connection.fetch(
+            CLAIM_SQL,
+            sources,
+            limit,
+            sources,
+            targets,
+            worker,
+            float(lease_seconds),
+            chunker_version,
+            embed_version,
+        )
+    return [ClaimedJob.from_record(row) for row in rows]
+
+
+async def notify(
+    connection: asyncpg.Connection, job_id: uuid.UUID, status: str
+) -> None:
+    """Queue a notification; PostgreSQL delivers it when the transaction commits."""
+    payload = json.dumps({"job_id": str(job_id), "status": status})
+    await connection.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload)
+
+
+async def record_event(
+    connection: asyncpg.Connection,
+    job_id: uuid.UUID,
+    from_status: str | None,
+    to_status: str,
+    *,
+    worker: str | None,
+    lease_token: uuid.UUID | None,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    """Append one row to the job_events audit trail."""
+    await connection.execute(
+        """
+        INSERT INTO job_events (job_id, from_status, to_status, worker, lease_token, detail)
+        VALUES ($1, $2, $3, $4, $5, $6)
+        """,
+        job_id,
+        from_status,
+        to_status,
+        worker,
+        lease_token,
+        dict(detail or {}),
+    )
+
+
+# Columns that a guarded transition may set besides status. Names are fixed
+# here, so callers cannot inject SQL through them.
+_SETTABLE_COLUMNS = frozenset(
+    {
+        "parsed_path",
+        "parsed_sha256",
+        "progress",
+        "last_error",
+        "parse_password",
+        "retry_count",
+    }
+)
+
+
+async def advance(
+    connection: asyncpg.Connection,
+    lease: Lease,
+    to_status: Status,
+    *,
+    keep_lease: bool = True,
+    set_columns: Mapping[str, Any] | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> asyncpg.Record:
+    """Move a leased job to to_status, guarded by status and lease token.
+
+    Must run inside the caller's transaction, together with the durable
+    write that justifies the move. With keep_lease false the lease is
+    cleared, so the next stage can claim the job at once. Raises
+    LeaseLostError when the guard matches no row.
+    """
+    columns = dict(set_columns or {})
+    unknown = set(columns) - _SETTABLE_COLUMNS
+    if unknown:
+        raise ValueError(f"columns {sorted(unknown)} cannot be set by a transition")
+    assignments = ["status = $4", "updated_at = now()"]
+    values: list[Any] = [lease.job_id, str(lease.status), lease.token, str(to_status)]
+    for name, value in columns.items():
+        values.append(value)
+        assignments.append(f"{name} = ${len(values)}")
+    if not keep_lease:
+        assignments += [
+            "lease_token = NULL",
+            "leased_by = NULL",
+            "lease_expires_at = NULL",
+            "heartbeat_at = NULL",
+        ]
+    row = await connection.fetchrow(
+        f"""
+        UPDATE upload_jobs SET {", ".join(assignments)}
+        WHERE job_id = $1 AND status = $2 AND lease_token = $3
+        RETURNING *
+        """,
+        *values,
+    )
+    if row is None:
+        raise LeaseLostError(lease.job_id, str(lease.status))
+    if to_status != lease.status:
+        await record_event(
+            connection,
+            lease.job_id,
+            str(lease.status),
+            str(to_status),
+            worker=lease.worker,
+            lease_token=lease.token,
+            detail=detail,
+        )
+    await notify(connection, lease.job_id, str(to_status))
+    lease.status = to_status
+    return row
+
+
+async def update_progress(
+    connection: asyncpg.Connection,
+    lease: Lease,
+    to_status: Status,
+    progress: Mapping[str, int],
+) -> asyncpg.Record:
+    """Merge counters into the job's progress while moving it to to_status."""
+    row = await connection.fetchrow(
+        """
+        UPDATE upload_jobs
+        SET status = $4, progress = progress || $5::jsonb, updated_at = now()
+        WHERE job_id = $1 AND status = $2 AND lease_token = $3
+        RETURNING *
+        """,
+        lease.job_id,
+        str(lease.status),
+        lease.token,
+        str(to_status),
+        dict(progress),
+    )
+    if row is None:
+        raise LeaseLostError(lease.job_id, str(lease.status))
+    if to_status != lease.status:
+        await record_event(
+            connection,
+            lease.job_id,
+            str(lease.status),
+            str(to_status),
+            worker=lease.worker,
+            lease_token=lease.token,
+            detail={"progress": dict(progress)},
+        )
+    await notify(connection, lease.job_id, str(to_status))
+    lease.status = to_status
+    return row
+
+
+async def renew_lease(
+    connection: asyncpg.Connection, lease: Lease, lease_seconds: float
+) -> datetime | None:
+    """Extend the lease; return the new expiry, or None when it was lost."""
+    return await connection.fetchval(
+        """
+        UPDATE upload_jobs
+        SET lease_expires_at = now() + make_interval(secs => $3), heartbeat_at = now()
+        WHERE job_id = $1 AND lease_token = $2
+        RETURNING lease_expires_at
+        """,
+        lease.job_id,
+        lease.token,
+        float(lease_seconds),
+    )
+
+
+def error_payload(
+    code: str, message: str, stage: str, retry_count: int
+) -> dict[str, Any]:
+    """Build the last_error object; `at` is filled in by the database."""
+    return {
+        "code": code,
+        "message": message,
+        "stage": stage,
+        "retry_count": retry_count,
+    }
+
+
+async def fail(
+    connection: asyncpg.Connection,
+    lease: Lease,
+    spec: StageSpec,
+    *,
+    code: str,
+    message: str,
+    retry_count: int,
+) -> bool:
+    """Move a leased job to its stage's failed status. False if the lease was lost."""
+    error = error_payload(code, message, spec.name, retry_count)
+    async with connection.transaction():
+        row = await connection.fetchrow(
+            """
+            UPDATE upload_jobs
+            SET status = $4,
+                last_error = $5::jsonb || jsonb_build_object('at', now()),
+                parse_password = NULL,
+                lease_token = NULL, leased_by = NULL,
+                lease_expires_at = NULL, heartbeat_at = NULL,
+                updated_at = now()
+            WHERE job_id = $1 AND lease_token = $2 AND status = ANY($3::text[])
+            RETURNING status
+            """,
+            lease.job_id,
+            lease.token,
+            [str(status) for status in spec.owned],
+            str(spec.failed),
+            error,
+        )
+        if row is None:
+            return False
+        await record_event(
+            connection,
+            lease.job_id,
+            str(lease.status),
+            str(spec.failed),
+            worker=lease.worker,
+            lease_token=lease.token,
+            detail={"action": "fail", "code": code},
+        )
+        await notify(connection, lease.job_id, str(spec.failed))
+    lease.status = spec.failed
+    return True
+
+
+async def schedule_retry(
+    connection: asyncpg.Connection,
+    lease: Lease,
+    spec: StageSpec,
+    *,
+    code: str,
+    message: str,
+    retry_count: int,
+    delay_seconds: float,
+) -> bool:
+    """Hand a leased job back for a retry after delay_seconds.
+
+    The job returns to the claimable status of its in-flight status, with
+    retry_count incremented. False if the lease was lost.
+    """
+    to_status = spec.releases.get(lease.status, lease.status)
+    error = error_payload(code, message, spec.name, retry_count)
+    async with connection.transaction():
+        row = await connection.fetchrow(
+            """
+            UPDATE upload_jobs
+            SET status = $3,
+                retry_count = retry_count + 1,
+                run_after = now() + make_interval(secs => $4),
+                last_error = $5::jsonb || jsonb_build_object('at', now()),
+                lease_token = NULL, leased_by = NULL,
+                lease_expires_at = NULL, heartbeat_at = NULL,
+                updated_at = now()
+            WHERE job_id = $1 AND lease_token = $2
+            RETURNING status
+            """,
+            lease.job_id,
+            lease.token,
+            str(to_status),
+            float(delay_seconds),
+            error,
+        )
+        if row is None:
+            return False
+        await record_event(
+            connection,
+            lease.job_id,
+            str(lease.status),
+            str(to_status),
+            worker=lease.worker,
+            lease_token=lease.token,
+            detail={"action": "retry", "code": code, "delay_seconds": delay_seconds},
+        )
+    lease.status = to_status
+    return True
+
+
+async def release(
+    connection: asyncpg.Connection, lease: Lease, spec: StageSpec
+) -> bool:
+    """Give a job back unfinished: claimable status, lease cleared, attempt returned.
+
+    Used by a draining worker whose job did not finish within the grace
+    period. False if the lease was already lost.
+    """
+    to_status = spec.releases.get(lease.status, lease.status)
+    async with connection.transaction():
+        row = await connection.fetchrow(
+            """
+            UPDATE upload_jobs
+            SET status = $3,
+                attempts = GREATEST(attempts - 1, 0),
+                lease_token = NULL, leased_by = NULL,
+                lease_expires_at = NULL, heartbeat_at = NULL,
+                updated_at = now()
+            WHERE job_id = $1 AND lease_token = $2
+            RETURNING status
+            """,
+            lease.job_id,
+            lease.token,
+            str(to_status),
+        )
+        if row is None:
+            return False
+        await record_event(
+            connection,
+            lease.job_id,
+            str(lease.status),
+            str(to_status),
+            worker=lease.worker,
+            lease_token=lease.token,
+            detail={"action": "release"},
+        )
+        await notify(connection, lease.job_id, str(to_status))
+    lease.status = to_status
+    return True
+
+
+async def queue_depth(connection: asyncpg.Connection, spec: StageSpec) -> int:
+    """Count jobs waiting for a stage, whatever their run_after."""
+    waiting = [
+        str(status) for status, target in spec.claims.items() if status != target
+    ]
+    return await connection.fetchval(
+        "SELECT count(*) FROM upload_jobs WHERE status = ANY($1::text[])", waiting
+    )
