@@ -30,7 +30,9 @@ def _sqlalchemy_url() -> str:
 
 
 def _run(connection: Connection) -> None:
-    connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    connection.execute(
+        text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+    )
     try:
         context.configure(connection=connection, target_metadata=None)
         with context.begin_transaction():

@@ -344,7 +344,10 @@ async def advance(
         values.append(value)
         assignments.append(f"{name} = ${len(values)}")
     if not keep_lease:
+        # Handing the job to the next stage: the lease ends, and the claim
+        # count starts afresh, because attempts limit each stage's claims.
         assignments += [
+            "attempts = 0",
             "lease_token = NULL",
             "leased_by = NULL",
             "lease_expires_at = NULL",

