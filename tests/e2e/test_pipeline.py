@@ -59,11 +59,11 @@ async def upload(
 
 
 async def wait_terminal(
-    pipeline: Pipeline, job_id: str, timeout: float = 300
+    pipeline: Pipeline, job_id: str, limit_seconds: float = 300
 ) -> resources_pb2.Job:
     stub = upload_grpc.UploadServiceStub(pipeline.gateway_channel)
     last = None
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit_seconds):
         async for update in stub.WatchJob(upload_pb.WatchJobRequest(job_id=job_id)):
             last = update.job
     assert last is not None

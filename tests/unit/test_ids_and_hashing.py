@@ -1,0 +1,86 @@
+"""Deterministic ids, content hashes and the retry backoff."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared import ids
+from shared.errors import (
+    PermanentError,
+    TransientError,
+    backoff_seconds,
+    classify_error,
+)
+from shared.hashing import chunk_sha, normalize_text, parsed_sha256, vector_sha
+
+NAMESPACE = uuid.UUID("6c8a1e6e-1f0b-4aa8-9f0a-1a7c2e6f2b42")
+
+
+def test_chunk_id_matches_uuid5_of_canonical_string() -> None:
+    document = uuid.UUID("0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f9")
+    expected = uuid.uuid5(NAMESPACE, f"{document}:markdown-splitter:v-ABC:7".lower())
+    assert ids.chunk_id(document, "markdown-splitter", "v-ABC", 7) == expected
+
+
+def test_document_id_depends_on_user() -> None:
+    assert ids.document_id("alice", "ab" * 32) != ids.document_id("Alice", "ab" * 32)
+
+
+def test_chunk_sha_normalizes_before_hashing() -> None:
+    assert chunk_sha("Cafe\u0301 text\r\nline  \n") == chunk_sha("Café text\nline")
+    assert chunk_sha("abc") == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_normalize_text_removes_controls_and_cr() -> None:
+    assert normalize_text("a\x00b\r\nc\rd  \n\n") == "ab\nc\nd"
+
+
+def test_parsed_sha256_uses_normalized_text() -> None:
+    assert parsed_sha256("x\r\n") == parsed_sha256("x")
+
+
+def test_vector_sha_uses_little_endian_float32() -> None:
+    vector = [0.5, -1.0, 2.25]
+    expected = hashlib.sha256(np.asarray(vector, dtype="<f4").tobytes()).hexdigest()
+    assert vector_sha(vector) == expected
+    assert vector_sha(np.asarray(vector, dtype=np.float64)) == expected
+
+
+@given(st.integers(min_value=0, max_value=1000))
+def test_backoff_positive_and_capped(retry: int) -> None:
+    delay = backoff_seconds(retry, base=3, maximum=300)
+    assert 0 < delay <= 300
+
+
+@given(st.integers(min_value=0, max_value=5))
+def test_backoff_grows_until_cap(retry: int) -> None:
+    low = backoff_seconds(retry, base=3, maximum=300, jitter=0)
+    high = backoff_seconds(retry + 1, base=3, maximum=300, jitter=0)
+    assert low == min(300, 3 * 2**retry)
+    assert high >= low
+
+
+def test_classify_error_kinds() -> None:
+    assert not classify_error(PermanentError("corrupt_file", "bad")).transient
+    assert (
+        classify_error(TransientError("rate_limited", "429", 7.0)).retry_after_seconds
+        == 7.0
+    )
+    assert classify_error(TimeoutError()).transient
+    assert classify_error(ConnectionResetError()).transient
+
+
+def test_check_user_id_accepts_safe_names() -> None:
+    assert ids.check_user_id("team-a.user_1") == "team-a.user_1"
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/b", "", "x" * 65])
+def test_check_user_id_rejects_path_characters(bad: str) -> None:
+    with pytest.raises(ValueError, match="user id"):
+        ids.check_user_id(bad)
