@@ -1,0 +1,100 @@
+"""`ingestd up` runs the services as separate processes; the CLI drives them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_serving(
+    port: int, process: subprocess.Popen, limit_seconds: float = 180
+) -> None:
+    deadline = time.monotonic() + limit_seconds
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "ingestd up exited early"
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    pytest.fail(f"gateway on port {port} did not become healthy")
+
+
+def test_up_upload_search_and_ctrl_c(database_url: str, tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("gateway", "chunker", "embedder")}
+    env = dict(os.environ)
+    env.update(
+        {
+            "INGESTD_DATABASE_URL": database_url,
+            "INGESTD_DATA_DIR": str(tmp_path / "data"),
+            "INGESTD_SHUTDOWN_GRACE_SECONDS": "5",
+            **{
+                f"INGESTD_{name.upper()}_PORT": str(port)
+                for name, port in ports.items()
+            },
+        }
+    )
+    ingestd = [sys.executable, "-c", "from ingestd.cli import main; main()"]
+    up = subprocess.Popen(
+        [*ingestd, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        for port in ports.values():
+            wait_serving(port, up)
+        children = psutil.Process(up.pid).children(recursive=True)
+        document = tmp_path / "otters.md"
+        document.write_text(
+            "# Otters\n\nSea otters hold hands while they sleep so they do not drift apart.\n"
+        )
+        uploaded = subprocess.run(
+            [*ingestd, "upload", str(document), "--wait"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
+        found = subprocess.run(
+            [*ingestd, "search", "why do otters hold hands"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert found.returncode == 0, found.stderr
+        assert "otters.md" in found.stdout
+        listed = subprocess.run(
+            [*ingestd, "jobs"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert "complete" in listed.stdout
+    finally:
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, output.decode(errors="replace")[-2000:]
+    assert len(children) >= 3
+    assert not [
+        child
+        for child in children
+        if child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+    ]
