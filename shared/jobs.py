@@ -345,9 +345,10 @@ async def advance(
         assignments.append(f"{name} = ${len(values)}")
     if not keep_lease:
         # Handing the job to the next stage: the lease ends, and the claim
-        # count starts afresh, because attempts limit each stage's claims.
+        # and retry counts start afresh, because they limit each stage.
         assignments += [
             "attempts = 0",
+            "retry_count = 0",
             "lease_token = NULL",
             "leased_by = NULL",
             "lease_expires_at = NULL",

@@ -84,6 +84,11 @@ class BaseWorker(ABC):
         self._running: dict[uuid.UUID, _RunningJob] = {}
         self._runners: set[asyncio.Task[None]] = set()
         self._heartbeat_pool: asyncpg.Pool | None = None
+        self._wake_statuses = {
+            str(status)
+            for status, target in self.spec.claims.items()
+            if status != target
+        }
 
     @abstractmethod
     async def process(self, job: ClaimedJob, lease: Lease) -> None:
@@ -188,7 +193,9 @@ class BaseWorker(ABC):
         log.info("worker stopped", extra=self._fields(None, "worker_stopped"))
 
     def _on_notification(self, payload: dict[str, Any] | None) -> None:
-        if payload is None or payload.get("status") in self.spec.claims:
+        # In-flight statuses are claimable only after their lease expires, which
+        # sends no notification, so only hand-offs into the stage wake it.
+        if payload is None or payload.get("status") in self._wake_statuses:
             self._wake.set()
 
     # Claiming -------------------------------------------------------------

@@ -83,14 +83,18 @@ async def archive_due_buffers(
             rows = await connection.fetch(BUFFER_ROWS_SQL, *key_args)
             key = archive_key(job["user_id"], job["document_id"], job["job_id"])
             await asyncio.to_thread(storage.put, key, _archive_bytes(job, rows))
+            # Only this job's vectors: the chunk join limits them to its
+            # chunker version, since another job of the same document and
+            # model may use another chunker version.
             await connection.execute(
                 """
-                DELETE FROM document_vector_buffer
-                WHERE document_id = $1 AND embed_model = $2 AND embed_version = $3
+                DELETE FROM document_vector_buffer AS v
+                USING document_chunk_buffer AS c
+                WHERE v.chunk_id = c.chunk_id
+                  AND c.document_id = $1 AND c.chunker_name = $2 AND c.chunker_version = $3
+                  AND v.embed_model = $4 AND v.embed_version = $5
                 """,
-                job["document_id"],
-                job["embed_model"],
-                job["embed_version"],
+                *key_args,
             )
             # Chunk rows may still serve another job of the same document and
             # chunker (a second embedding model); they go only when no such

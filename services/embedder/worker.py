@@ -213,6 +213,18 @@ class EmbedWorker(BaseWorker):
             result = await connection.execute(
                 PROMOTE_SQL, *self._key(job), job.job_id, job.user_id
             )
+            promoted = int(result.split()[-1])
+            searchable = await connection.fetchval(
+                "SELECT count(*) FROM document_chunks WHERE job_id = $1", job.job_id
+            )
+            expected = job.progress.get("chunks_total", searchable)
+            if searchable != expected:
+                # Raising rolls back the move to complete with the promotion.
+                raise TransientError(
+                    "promotion_incomplete",
+                    f"{searchable} of {expected} chunks have a vector to promote; "
+                    "the buffers changed under the job",
+                )
         log.info(
             "job complete",
             extra={
@@ -221,6 +233,6 @@ class EmbedWorker(BaseWorker):
                 "document_id": str(job.document_id),
                 "worker": self.worker_id,
                 "stage": self.spec.name,
-                "promoted": int(result.split()[-1]),
+                "promoted": promoted,
             },
         )

@@ -61,9 +61,10 @@ class IdentityCache:
 
     async def get(self) -> PipelineIdentity:
         """Return the identity, fetching it when missing or stale."""
-        stale = time.monotonic() - self._fetched_at > self._refresh_seconds
-        if self._identity is None or stale:
+        if self._identity is None or self._is_stale():
             async with self._lock:
+                if self._identity is not None and not self._is_stale():
+                    return self._identity
                 try:
                     await self._fetch()
                 except grpc.aio.AioRpcError as exc:
@@ -83,6 +84,9 @@ class IdentityCache:
                     )
         assert self._identity is not None
         return self._identity
+
+    def _is_stale(self) -> bool:
+        return time.monotonic() - self._fetched_at > self._refresh_seconds
 
     async def _fetch(self) -> None:
         chunker, model = await asyncio.gather(
