@@ -99,8 +99,12 @@ def up(obj: dict, log_dir: Path | None) -> None:
     configure_logging("INFO", "text")
     settings: Settings = obj["settings"]
     url = supervisor.prepare_database(settings)
-    children = supervisor.start_services(settings, url, log_dir)
+    try:
+        children = supervisor.start_services(settings, url, log_dir)
+    except RuntimeError as exc:
+        fail(str(exc))
     stopping = False
+    failed = False
 
     def on_signal(_signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -119,14 +123,18 @@ def up(obj: dict, log_dir: Path | None) -> None:
                 err_console.print(
                     f"[red]{exited[0].name} exited with status {exited[0].process.returncode}; stopping[/red]"
                 )
+                failed = True
                 break
             time.sleep(0.5)
     except RuntimeError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
+        failed = True
     finally:
         console.print("stopping services")
         supervisor.stop_services(children, settings.shutdown_grace_seconds)
     console.print("stopped")
+    if failed:
+        sys.exit(1)
 
 
 def _upload_one(
@@ -200,16 +208,24 @@ def upload_paths(
     with open_channel(gateway) as channel:
         stub = upload_grpc.UploadServiceStub(channel)
         responses = []
+        failures = 0
         for path in paths:
             try:
                 response = _upload_one(stub, path, user, password)
             except grpc.RpcError as exc:
-                fail(f"upload of {path} failed: {rpc_error_text(exc)}")
+                # One rejected file must not stop the others.
+                err_console.print(
+                    f"[red]upload of {path} failed:[/red] {rpc_error_text(exc)}"
+                )
+                failures += 1
+                continue
             note = " (already uploaded)" if response.duplicate else ""
             console.print(
                 f"{path.name}: document {response.document.document_id} job {response.job.job_id}{note}"
             )
             responses.append((path, response))
+        if failures and not responses:
+            sys.exit(1)
         if not wait:
             return [response.job for _, response in responses]
         columns = (
@@ -359,7 +375,10 @@ def demo(obj: dict, query: str, paths: tuple[Path, ...]) -> None:
         f"starting the database and services (logs in {settings.data_dir / 'logs'})"
     )
     url = supervisor.prepare_database(settings)
-    children = supervisor.start_services(settings, url, settings.data_dir / "logs")
+    try:
+        children = supervisor.start_services(settings, url, settings.data_dir / "logs")
+    except RuntimeError as exc:
+        fail(str(exc))
     try:
         supervisor.wait_until_serving(settings, children)
         gateway = f"{settings.host}:{settings.gateway_port}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,10 +45,29 @@ def port_of(settings: Settings, name: str) -> int:
     return int(getattr(settings, f"{name}_port"))
 
 
+def check_ports_free(settings: Settings) -> None:
+    """Raise RuntimeError if a service port is already taken.
+
+    Without this check, the health probe of a new service would be answered
+    by whatever process already holds the port, and report success.
+    """
+    for name in SERVICES:
+        port = port_of(settings, name)
+        with socket.socket() as probe:
+            try:
+                probe.bind((settings.host, port))
+            except OSError:
+                raise RuntimeError(
+                    f"port {port} on {settings.host} for the {name} is already in use, "
+                    f"perhaps by another ingestd; stop it or set INGESTD_{name.upper()}_PORT"
+                ) from None
+
+
 def start_services(
     settings: Settings, database_url: str, log_dir: Path | None = None
 ) -> list[Child]:
     """Start every service with the database URL set, and return them."""
+    check_ports_free(settings)
     env = dict(os.environ)
     env["INGESTD_DATABASE_URL"] = database_url
     env.setdefault("INGESTD_LOG_FORMAT", "text")
