@@ -27,8 +27,13 @@ def decode_token(token: str) -> tuple[datetime, uuid.UUID] | None:
     try:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        return datetime.fromisoformat(data["c"]), uuid.UUID(data["i"])
-    except (ValueError, KeyError, TypeError):
+        created_at = datetime.fromisoformat(data["c"])
+        # Tokens this server issues carry a timezone and a recent year; a
+        # forged extreme date would overflow in PostgreSQL instead.
+        if created_at.tzinfo is None or not 1970 <= created_at.year <= 9000:
+            raise ValueError("page token time out of range")
+        return created_at, uuid.UUID(data["i"])
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         raise ValueError(
             f"page_token {token[:40]!r} is invalid; pass the next_page_token of the "
             "previous response unchanged, or an empty token for the first page"
