@@ -46,7 +46,7 @@ class TransientError(IngestdError):
 
 @dataclass(frozen=True)
 class Classification:
-    """What to do about an error."""
+    """Verdict on an error: retry or fail, with its code and message."""
 
     transient: bool
     code: str

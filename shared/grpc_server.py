@@ -196,7 +196,7 @@ def _wrap_handler(
 
 @dataclass
 class Runtime:
-    """What every service process shares: settings, database and storage."""
+    """Resources every service process shares: settings, database and storage."""
 
     settings: Settings
     database_url: str
@@ -221,7 +221,7 @@ class Runtime:
 
 @dataclass
 class ServiceParts:
-    """What a service adds to the common server."""
+    """Servicers, worker and tasks that one service adds to the common server."""
 
     # Adds the service's servicers to the server.
     register: Callable[[grpc.aio.Server], None]

@@ -75,6 +75,6 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Library chatter that says nothing about ingestd's own work.
+    # Library loggers whose INFO records describe no ingestd work.
     for noisy in ("asyncio", "sentence_transformers", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

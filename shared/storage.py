@@ -54,7 +54,7 @@ class BlobWriter(Protocol):
 
 
 class BlobStore(Protocol):
-    """What the services need from a blob store."""
+    """Blob store operations the services use."""
 
     def open_writer(self) -> BlobWriter: ...
     def put(self, key: str, data: bytes) -> None: ...

@@ -46,7 +46,7 @@ class _RunningJob:
 
 @dataclass
 class WorkerCounters:
-    """What a worker has done since it started."""
+    """Counts of a worker's outcomes since it started."""
 
     succeeded: int = 0
     failed: int = 0

@@ -48,8 +48,8 @@ def port_of(settings: Settings, name: str) -> int:
 def check_ports_free(settings: Settings) -> None:
     """Raise RuntimeError if a service port is already taken.
 
-    Without this check, the health probe of a new service would be answered
-    by whatever process already holds the port, and report success.
+    Without this check, the health probe of a new service would reach
+    whatever process already listens on the port, and report success.
     """
     for name in SERVICES:
         port = port_of(settings, name)

@@ -36,7 +36,7 @@ class PipelineIdentity:
 
 
 class IdentityUnavailableError(Exception):
-    """The chunker or embedder has not answered yet."""
+    """The chunker or embedder has not responded yet."""
 
 
 class IdentityCache:
