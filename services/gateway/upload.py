@@ -35,6 +35,34 @@ WATCH_POLL_SECONDS = 2.0
 _CONTROL = dict.fromkeys(range(32), None) | {0x7F: None}
 
 
+@contextlib.asynccontextmanager
+async def document_lock(
+    pool: asyncpg.Pool, document_id: uuid.UUID
+) -> AsyncIterator[asyncpg.Connection]:
+    """Hold a session advisory lock on one document and yield its connection.
+
+    Uploads and deletes of one document run one at a time under it. The
+    caller does its database work on the yielded connection, so a waiting
+    caller never needs a second pooled connection.
+    """
+    key = str(document_id)
+    async with pool.acquire() as connection:
+        await connection.execute(
+            "SELECT pg_advisory_lock(hashtextextended($1, 0))", key
+        )
+        try:
+            yield connection
+        finally:
+            # asyncpg also releases advisory locks when the pool resets the
+            # connection, so a failure here leaks no lock.
+            with contextlib.suppress(
+                asyncpg.PostgresError, asyncpg.InterfaceError, OSError
+            ):
+                await connection.execute(
+                    "SELECT pg_advisory_unlock(hashtextextended($1, 0))", key
+                )
+
+
 def display_filename(name: str) -> str:
     """Clean a client-supplied file name for display: no path, no controls."""
     name = name.replace("\\", "/").rsplit("/", 1)[-1].translate(_CONTROL).strip()
@@ -144,19 +172,24 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             raw_sha = digest.hexdigest()
             document_id = ids.document_id(user, raw_sha)
             key = raw_key(user, document_id)
-            await asyncio.to_thread(writer.commit, key)
-            committed = True
-            return await self._record_upload(
-                context,
-                user,
-                metadata,
-                content_type,
-                size,
-                raw_sha,
-                document_id,
-                key,
-                identity,
-            )
+            # The lock orders this upload against a DeleteDocument of the
+            # same document, which would otherwise remove the file just
+            # committed here after its own rows were gone.
+            async with document_lock(self.pool, document_id) as connection:
+                await asyncio.to_thread(writer.commit, key)
+                committed = True
+                return await self._record_upload(
+                    connection,
+                    context,
+                    user,
+                    metadata,
+                    content_type,
+                    size,
+                    raw_sha,
+                    document_id,
+                    key,
+                    identity,
+                )
         finally:
             if writer is not None and not committed:
                 await asyncio.to_thread(writer.abort)
@@ -194,6 +227,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
 
     async def _record_upload(
         self,
+        connection: asyncpg.Connection,
         context: grpc.aio.ServicerContext,
         user: str,
         metadata: pb.UploadMetadata,
@@ -211,7 +245,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             identity.embed_model,
             identity.embed_version,
         )
-        async with self.pool.acquire() as connection, connection.transaction():
+        async with connection.transaction():
             inserted_document = await connection.fetchval(
                 """
                 INSERT INTO documents (document_id, user_id, filename, content_type,
@@ -538,34 +572,37 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
     ) -> pb.DeleteDocumentResponse:
         document = await self._fetch_document(context, request.document_id)
         document_id = document["document_id"]
-        async with self.pool.acquire() as connection, connection.transaction():
-            # Locking the document row first orders this delete after any
-            # upload of the same bytes that is committing right now.
-            locked = await connection.fetchval(
-                "SELECT 1 FROM documents WHERE document_id = $1 FOR UPDATE", document_id
-            )
-            if locked is None:
-                await abort(
-                    context,
-                    grpc.StatusCode.NOT_FOUND,
-                    f"document {request.document_id} not found",
-                    reason="DOCUMENT_NOT_FOUND",
-                )
-            chunks = await connection.fetchval(
-                "WITH d AS (DELETE FROM document_chunks WHERE document_id = $1 RETURNING 1) "
-                "SELECT count(*) FROM d",
-                document_id,
-            )
-            job_count = await connection.fetchval(
-                "SELECT count(*) FROM upload_jobs WHERE document_id = $1", document_id
-            )
-            # Jobs, events and both buffers go with the document through
-            # ON DELETE CASCADE.
-            await connection.execute(
-                "DELETE FROM documents WHERE document_id = $1", document_id
-            )
         user = document["user_id"]
-        await asyncio.to_thread(self._delete_blobs, user, document_id)
+        # Holding the document lock until the files are gone keeps an upload
+        # of the same bytes from committing its file in between.
+        async with document_lock(self.pool, document_id) as connection:
+            async with connection.transaction():
+                exists = await connection.fetchval(
+                    "SELECT 1 FROM documents WHERE document_id = $1 FOR UPDATE",
+                    document_id,
+                )
+                if exists is None:
+                    await abort(
+                        context,
+                        grpc.StatusCode.NOT_FOUND,
+                        f"document {request.document_id} not found",
+                        reason="DOCUMENT_NOT_FOUND",
+                    )
+                chunks = await connection.fetchval(
+                    "WITH d AS (DELETE FROM document_chunks WHERE document_id = $1 RETURNING 1) "
+                    "SELECT count(*) FROM d",
+                    document_id,
+                )
+                job_count = await connection.fetchval(
+                    "SELECT count(*) FROM upload_jobs WHERE document_id = $1",
+                    document_id,
+                )
+                # Jobs, events and both buffers go with the document through
+                # ON DELETE CASCADE.
+                await connection.execute(
+                    "DELETE FROM documents WHERE document_id = $1", document_id
+                )
+            await asyncio.to_thread(self._delete_blobs, user, document_id)
         log.info(
             "document deleted",
             extra={

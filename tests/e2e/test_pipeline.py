@@ -378,3 +378,29 @@ async def test_retry_job_resumes_failed_parse(pipeline: Pipeline) -> None:
 
 def test_corpus_folder_location_is_beside_checkout() -> None:
     assert Path(__file__).resolve().parents[2].parent / "shared" / "corpus" == CORPUS
+
+
+async def test_delete_racing_reupload_keeps_file(pipeline: Pipeline, pool) -> None:
+    data = b"# Race\n\nDeleted and uploaded again at the same moment.\n"
+    stub = upload_grpc.UploadServiceStub(pipeline.gateway_channel)
+    first = await upload(pipeline, data, "race.md")
+    document_id = first.document.document_id
+    for _ in range(15):
+        delete = stub.DeleteDocument(
+            upload_pb.DeleteDocumentRequest(document_id=document_id)
+        )
+        outcomes = await asyncio.gather(
+            delete, upload(pipeline, data, "race.md"), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, grpc.aio.AioRpcError):
+                assert outcome.code() == grpc.StatusCode.NOT_FOUND
+        async with pool.acquire() as connection:
+            raw_path = await connection.fetchval(
+                "SELECT raw_path FROM documents WHERE document_id = $1",
+                uuid.UUID(document_id),
+            )
+        if raw_path is None:
+            await upload(pipeline, data, "race.md")
+            continue
+        assert (pipeline.settings.blob_dir / raw_path).is_file()
