@@ -82,7 +82,10 @@ async def archive_due_buffers(
             )
             rows = await connection.fetch(BUFFER_ROWS_SQL, *key_args)
             key = archive_key(job["user_id"], job["document_id"], job["job_id"])
-            await asyncio.to_thread(storage.put, key, _archive_bytes(job, rows))
+            # With no rows left, an archive written by an earlier round whose
+            # commit was lost stays as it is rather than being emptied.
+            if rows or not await asyncio.to_thread(storage.exists, key):
+                await asyncio.to_thread(storage.put, key, _archive_bytes(job, rows))
             # Only this job's vectors: the chunk join limits them to its
             # chunker version, since another job of the same document and
             # model may use another chunker version.

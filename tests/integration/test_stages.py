@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import uuid
 
 import asyncpg
@@ -11,6 +13,7 @@ import pytest
 
 from services.chunker.server import build_chunker
 from services.chunker.worker import ChunkWorker
+from services.embedder.archive import archive_due_buffers
 from services.embedder.backends import load_sentence_transformers
 from services.embedder.worker import MISSING_CHUNKS_SQL, EmbedWorker
 from shared import ids, jobs
@@ -19,7 +22,7 @@ from shared.db import connect
 from shared.grpc_server import Runtime
 from shared.hashing import normalize_text, parsed_sha256
 from shared.jobs import CHUNK_STAGE, EMBED_STAGE, Lease, LeaseLostError, Status
-from shared.storage import parsed_key, raw_key
+from shared.storage import archive_key, parsed_key, raw_key
 
 TEXT = normalize_text(
     "# Guide\n\n"
@@ -341,3 +344,97 @@ async def test_retry_then_fail_after_max_retries(
     assert row["status"] == "failed_chunking"
     assert row["lease_token"] is None
     assert set(row["last_error"]) == {"code", "message", "stage", "retry_count", "at"}
+
+
+async def run_to_complete(
+    runtime: Runtime, chunk_worker: ChunkWorker, embed_worker: EmbedWorker
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """Create a job and run it through the chunk and embed stages."""
+    async with runtime.pool.acquire() as connection:
+        document_id, job_id = await insert_job(
+            connection,
+            runtime,
+            status=Status.PARSE_VALIDATED,
+            chunker_version=chunk_worker.chunker_version,
+            embed_version=embed_worker.embed_version,
+        )
+    job, lease = await claim_one(
+        runtime, CHUNK_STAGE, chunker_version=chunk_worker.chunker_version
+    )
+    await chunk_worker.process(job, lease)
+    job, lease = await claim_one(
+        runtime, EMBED_STAGE, embed_version=embed_worker.embed_version
+    )
+    await embed_worker.process(job, lease)
+    return document_id, job_id
+
+
+async def test_archiver_moves_buffers_to_storage(
+    runtime: Runtime, chunk_worker: ChunkWorker, embed_worker: EmbedWorker
+) -> None:
+    document_id, job_id = await run_to_complete(runtime, chunk_worker, embed_worker)
+    async with runtime.pool.acquire() as connection:
+        chunks = await connection.fetchval(
+            "SELECT count(*) FROM document_chunk_buffer WHERE document_id = $1",
+            document_id,
+        )
+    not_due = await archive_due_buffers(
+        runtime.pool, runtime.storage, retention_seconds=3600
+    )
+    archived = await archive_due_buffers(
+        runtime.pool, runtime.storage, retention_seconds=0
+    )
+    again = await archive_due_buffers(
+        runtime.pool, runtime.storage, retention_seconds=0
+    )
+
+    assert not_due == 0
+    assert archived == 1
+    assert again == 0
+    key = archive_key("tester", document_id, job_id)
+    lines = gzip.decompress(runtime.storage.get(key)).decode().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == chunks
+    assert [record["chunk_ord"] for record in records] == list(range(chunks))
+    assert all(len(record["vector"]) == 384 for record in records)
+    assert all(record["vector_sha"] for record in records)
+    async with runtime.pool.acquire() as connection:
+        left_chunks = await connection.fetchval(
+            "SELECT count(*) FROM document_chunk_buffer WHERE document_id = $1",
+            document_id,
+        )
+        left_vectors = await connection.fetchval(
+            "SELECT count(*) FROM document_vector_buffer WHERE document_id = $1",
+            document_id,
+        )
+        searchable = await connection.fetchval(
+            "SELECT count(*) FROM document_chunks WHERE document_id = $1", document_id
+        )
+        archived_at = await connection.fetchval(
+            "SELECT buffers_archived_at FROM upload_jobs WHERE job_id = $1", job_id
+        )
+    assert left_chunks == 0
+    assert left_vectors == 0
+    assert searchable == chunks
+    assert archived_at is not None
+
+
+async def test_archiver_rerun_keeps_archive(
+    runtime: Runtime, chunk_worker: ChunkWorker, embed_worker: EmbedWorker
+) -> None:
+    document_id, job_id = await run_to_complete(runtime, chunk_worker, embed_worker)
+    await archive_due_buffers(runtime.pool, runtime.storage, retention_seconds=0)
+    key = archive_key("tester", document_id, job_id)
+    first = runtime.storage.get(key)
+    # Archive again as if the first round had crashed before its commit.
+    async with runtime.pool.acquire() as connection:
+        await connection.execute(
+            "UPDATE upload_jobs SET buffers_archived_at = NULL WHERE job_id = $1",
+            job_id,
+        )
+    rearchived = await archive_due_buffers(
+        runtime.pool, runtime.storage, retention_seconds=0
+    )
+    assert rearchived == 1
+    assert len(first) > 0
+    assert runtime.storage.get(key) == first
