@@ -44,7 +44,15 @@ def fail(message: str) -> None:
 
 
 def rpc_error_text(exc: grpc.RpcError) -> str:
-    return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+    """Describe a failed call, with a hint when the gateway is unreachable."""
+    code = exc.code()  # type: ignore[attr-defined]
+    text = f"{code.name}: {exc.details()}"  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE:
+        text += (
+            "\nIs the gateway running? Start it with `ingestd up`, or pass "
+            "--gateway HOST:PORT (INGESTD_GATEWAY_ADDRESS)."
+        )
+    return text
 
 
 @click.group()
@@ -160,7 +168,11 @@ def _watch(
         upload_pb.WatchJobRequest(job_id=job_id), metadata=call_metadata(user)
     ):
         job = update.job
-        total = job.progress.embeds_total or job.progress.chunks_total or 1
+        # The chunk count is known once the chunker has run; until then the
+        # bar has no total. A document with no text has a total of 0.
+        total = None
+        if job.status >= resources_pb2.JOB_STATUS_CHUNKS_STORED:
+            total = job.progress.embeds_total
         progress.update(
             task,
             total=total,
@@ -189,65 +201,69 @@ def upload(
     obj: dict, paths: tuple[Path, ...], wait: bool, password: str | None
 ) -> None:
     """Upload files; with --wait, follow each to complete or failed."""
-    results = upload_paths(
-        obj["gateway"], obj["user"], paths, wait=wait, password=password
-    )
+    with open_channel(obj["gateway"]) as channel:
+        results = upload_paths(
+            channel, obj["user"], paths, wait=wait, password=password
+        )
     if any(job.status != resources_pb2.JOB_STATUS_COMPLETE for job in results if wait):
         sys.exit(1)
 
 
 def upload_paths(
-    gateway: str,
+    channel: grpc.Channel,
     user: str | None,
     paths: tuple[Path, ...],
     *,
     wait: bool,
     password: str | None = None,
 ) -> list[resources_pb2.Job]:
-    """Upload paths and optionally watch them; return the final jobs."""
-    with open_channel(gateway) as channel:
-        stub = upload_grpc.UploadServiceStub(channel)
-        responses = []
-        failures = 0
-        for path in paths:
-            try:
-                response = _upload_one(stub, path, user, password)
-            except grpc.RpcError as exc:
-                # One rejected file must not stop the others.
-                err_console.print(
-                    f"[red]upload of {path} failed:[/red] {rpc_error_text(exc)}"
-                )
-                failures += 1
-                continue
-            note = " (already uploaded)" if response.duplicate else ""
-            console.print(
-                f"{path.name}: document {response.document.document_id} job {response.job.job_id}{note}"
+    """Upload paths and optionally watch them; return the final jobs.
+
+    A file the gateway rejects is reported and skipped. The command exits
+    with status 1 when every file was rejected.
+    """
+    stub = upload_grpc.UploadServiceStub(channel)
+    responses = []
+    failures = 0
+    for path in paths:
+        try:
+            response = _upload_one(stub, path, user, password)
+        except grpc.RpcError as exc:
+            # One rejected file must not stop the others.
+            err_console.print(
+                f"[red]upload of {path} failed:[/red] {rpc_error_text(exc)}"
             )
-            responses.append((path, response))
-        if failures and not responses:
-            sys.exit(1)
-        if not wait:
-            return [response.job for _, response in responses]
-        columns = (
-            TextColumn("{task.description}", style="bold"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} chunks"),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
+            failures += 1
+            continue
+        note = " (already uploaded)" if response.duplicate else ""
+        console.print(
+            f"{path.name}: document {response.document.document_id} job {response.job.job_id}{note}"
         )
-        with (
-            Progress(*columns, console=console) as progress,
-            concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool,
-        ):
-            futures = []
-            for path, response in responses:
-                task = progress.add_task(
-                    path.name[:40], total=None, status=status_name(response.job.status)
-                )
-                futures.append(
-                    pool.submit(_watch, stub, response.job.job_id, user, progress, task)
-                )
-            jobs = [future.result() for future in futures]
+        responses.append((path, response))
+    if failures and not responses:
+        sys.exit(1)
+    if not wait:
+        return [response.job for _, response in responses]
+    columns = (
+        TextColumn("{task.description}", style="bold"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} chunks"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
+    with (
+        Progress(*columns, console=console) as progress,
+        concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool,
+    ):
+        futures = []
+        for path, response in responses:
+            task = progress.add_task(
+                path.name[:40], total=None, status=status_name(response.job.status)
+            )
+            futures.append(
+                pool.submit(_watch, stub, response.job.job_id, user, progress, task)
+            )
+        jobs = [future.result() for future in futures]
     for (path, _), job in zip(responses, jobs, strict=True):
         if job.status != resources_pb2.JOB_STATUS_COMPLETE:
             err_console.print(
@@ -262,22 +278,25 @@ def upload_paths(
 @click.pass_obj
 def search(obj: dict, query: str, top_k: int) -> None:
     """Search your documents and print the best chunks."""
-    print_search(obj["gateway"], obj["user"], query, top_k)
+    with open_channel(obj["gateway"]) as channel:
+        print_search(channel, obj["user"], query, top_k)
 
 
-def print_search(gateway: str, user: str | None, query: str, top_k: int) -> None:
-    with open_channel(gateway) as channel:
-        stub = search_service_pb2_grpc.SearchServiceStub(channel)
-        try:
-            response = stub.Search(
-                search_service_pb2.SearchRequest(query=query, top_k=top_k),
-                metadata=call_metadata(user),
-                timeout=60,
-            )
-        except grpc.RpcError as exc:
-            fail(f"search failed: {rpc_error_text(exc)}")
+def print_search(
+    channel: grpc.Channel, user: str | None, query: str, top_k: int
+) -> None:
+    """Run a search and print the ranked results."""
+    stub = search_service_pb2_grpc.SearchServiceStub(channel)
+    try:
+        response = stub.Search(
+            search_service_pb2.SearchRequest(query=query, top_k=top_k),
+            metadata=call_metadata(user),
+            timeout=60,
+        )
+    except grpc.RpcError as exc:
+        fail(f"search failed: {rpc_error_text(exc)}")
     if not response.results:
-        console.print("no results")
+        console.print("no results: this user has no complete documents that match")
         return
     for rank, result in enumerate(response.results, start=1):
         where = " > ".join(result.heading_path)
@@ -315,9 +334,11 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int) -> None:
             for status in statuses
         ]
     except ValueError:
-        fail(
-            f"unknown status in {list(statuses)}; use for example complete or failed_parse"
+        valid = ", ".join(
+            name.removeprefix("JOB_STATUS_").lower()
+            for name in resources_pb2.JobStatus.keys()[1:]
         )
+        fail(f"unknown status in {', '.join(statuses)}; use one of: {valid}")
     with open_channel(obj["gateway"]) as channel:
         stub = upload_grpc.UploadServiceStub(channel)
         try:
@@ -328,13 +349,16 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int) -> None:
             )
         except grpc.RpcError as exc:
             fail(f"listing jobs failed: {rpc_error_text(exc)}")
-    table = Table(
-        "job", "document", "status", "chunks", "embedded", "attempts", "error"
-    )
+    table = Table()
+    # Ids and statuses are copied into other commands, so they never wrap.
+    table.add_column("job", no_wrap=True, min_width=36)
+    table.add_column("status", no_wrap=True)
+    for name in ("chunks", "embedded", "attempts"):
+        table.add_column(name, no_wrap=True, justify="right")
+    table.add_column("error", overflow="fold")
     for job in response.jobs:
         table.add_row(
             job.job_id,
-            job.document_id[:8],
             status_name(job.status),
             str(job.progress.chunks_total),
             f"{job.progress.embeds_done}/{job.progress.embeds_total}",
@@ -383,9 +407,11 @@ def demo(obj: dict, query: str, paths: tuple[Path, ...]) -> None:
         supervisor.wait_until_serving(settings, children)
         gateway = f"{settings.host}:{settings.gateway_port}"
         console.print(f"ingesting {len(files)} documents")
-        upload_paths(gateway, obj["user"], tuple(files), wait=True)
+        with open_channel(gateway) as channel:
+            upload_paths(channel, obj["user"], tuple(files), wait=True)
         console.print(f"\nsearch: [bold]{query}[/bold]")
-        print_search(gateway, obj["user"], query, 5)
+        with open_channel(gateway) as channel:
+            print_search(channel, obj["user"], query, 5)
     except RuntimeError as exc:
         fail(str(exc))
     finally:

@@ -1,0 +1,174 @@
+"""The CLI's blocking gRPC client against scripted server responses.
+
+grpcio-testing stands in for the gateway here: the test takes each call the
+CLI makes, checks its requests, and answers it, without any server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc_testing
+import pytest
+
+from ingestd.cli.client import UPLOAD_CHUNK_BYTES
+from ingestd.cli.main import print_search, upload_paths
+from ingestd.v1 import resources_pb2, search_service_pb2
+from ingestd.v1 import upload_service_pb2 as upload_pb
+
+UPLOAD_SERVICE = upload_pb.DESCRIPTOR.services_by_name["UploadService"]
+SEARCH_SERVICE = search_service_pb2.DESCRIPTOR.services_by_name["SearchService"]
+UPLOAD = UPLOAD_SERVICE.methods_by_name["Upload"]
+SEARCH = SEARCH_SERVICE.methods_by_name["Search"]
+
+
+@pytest.fixture
+def channel() -> grpc_testing.Channel:
+    return grpc_testing.channel(
+        [UPLOAD_SERVICE, SEARCH_SERVICE], grpc_testing.strict_real_time()
+    )
+
+
+def run_in_thread(
+    function: Callable[[], Any],
+) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:  # SystemExit from the CLI included
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def test_upload_streams_metadata_then_chunks(channel, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "notes.md"
+    size = UPLOAD_CHUNK_BYTES * 2 + 100
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    path.write_bytes(data)
+    thread, outcome = run_in_thread(
+        lambda: upload_paths(channel, "alice", (path,), wait=False)
+    )
+    metadata, rpc = channel.take_stream_unary(UPLOAD)
+    requests = [rpc.take_request() for _ in range(4)]
+    rpc.requests_closed()
+    rpc.terminate(
+        upload_pb.UploadResponse(
+            document=resources_pb2.Document(document_id="doc-1"),
+            job=resources_pb2.Job(
+                job_id="job-1", status=resources_pb2.JOB_STATUS_UPLOADED
+            ),
+        ),
+        (),
+        grpc.StatusCode.OK,
+        "",
+    )
+    thread.join(timeout=10)
+
+    assert "error" not in outcome
+    assert dict(metadata)["x-ingestd-user"] == "alice"
+    assert requests[0].WhichOneof("payload") == "metadata"
+    assert requests[0].metadata.filename == "notes.md"
+    assert requests[0].metadata.content_type == "text/markdown"
+    assert requests[0].metadata.size_bytes == len(data)
+    assert [len(r.chunk) for r in requests[1:]] == [
+        UPLOAD_CHUNK_BYTES,
+        UPLOAD_CHUNK_BYTES,
+        len(data) - 2 * UPLOAD_CHUNK_BYTES,
+    ]
+    assert b"".join(r.chunk for r in requests[1:]) == data
+    assert [job.job_id for job in outcome["value"]] == ["job-1"]
+    assert "job job-1" in capsys.readouterr().out
+
+
+def test_upload_rejected_file_skips_to_next(channel, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "archive.zip"
+    good = tmp_path / "good.txt"
+    bad.write_bytes(b"PK\x03\x04zip")
+    good.write_bytes(b"plain text")
+    thread, outcome = run_in_thread(
+        lambda: upload_paths(channel, None, (bad, good), wait=False)
+    )
+    _, rejected = channel.take_stream_unary(UPLOAD)
+    rejected.terminate(
+        None, (), grpc.StatusCode.INVALID_ARGUMENT, "unsupported file type: ZIP archive"
+    )
+    _, accepted = channel.take_stream_unary(UPLOAD)
+    accepted.terminate(
+        upload_pb.UploadResponse(job=resources_pb2.Job(job_id="job-2")),
+        (),
+        grpc.StatusCode.OK,
+        "",
+    )
+    thread.join(timeout=10)
+
+    assert "error" not in outcome
+    assert [job.job_id for job in outcome["value"]] == ["job-2"]
+    assert "ZIP archive" in capsys.readouterr().err
+
+
+def test_upload_all_rejected_exits_1(channel, tmp_path: Path) -> None:
+    bad = tmp_path / "program"
+    bad.write_bytes(b"\x7fELF")
+    thread, outcome = run_in_thread(
+        lambda: upload_paths(channel, None, (bad,), wait=False)
+    )
+    _, rpc = channel.take_stream_unary(UPLOAD)
+    rpc.terminate(None, (), grpc.StatusCode.INVALID_ARGUMENT, "ELF executable")
+    thread.join(timeout=10)
+
+    assert isinstance(outcome["error"], SystemExit)
+    assert outcome["error"].code == 1
+
+
+def test_search_prints_ranked_results(channel, capsys) -> None:
+    thread, outcome = run_in_thread(lambda: print_search(channel, "bob", "leases", 3))
+    metadata, request, rpc = channel.take_unary_unary(SEARCH)
+    rpc.terminate(
+        search_service_pb2.SearchResponse(
+            results=[
+                search_service_pb2.SearchResult(
+                    filename="paper.pdf",
+                    score=0.8123,
+                    text="Leases   are\nrenewed by heartbeats.",
+                    page_start=3,
+                    page_end=4,
+                    heading_path=["Design"],
+                ),
+                search_service_pb2.SearchResult(filename="notes.md", score=0.5),
+            ]
+        ),
+        (),
+        grpc.StatusCode.OK,
+        "",
+    )
+    thread.join(timeout=10)
+    output = capsys.readouterr().out
+
+    assert "error" not in outcome
+    assert request.query == "leases"
+    assert request.top_k == 3
+    assert dict(metadata)["x-ingestd-user"] == "bob"
+    assert "1. paper.pdf" in output
+    assert "score 0.812" in output
+    assert "page 3-4, Design" in output
+    assert "Leases are renewed by heartbeats." in output
+    assert output.index("paper.pdf") < output.index("notes.md")
+
+
+def test_search_unavailable_suggests_up(channel, capsys) -> None:
+    thread, outcome = run_in_thread(lambda: print_search(channel, None, "x", 5))
+    _, _, rpc = channel.take_unary_unary(SEARCH)
+    rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "failed to connect")
+    thread.join(timeout=10)
+
+    assert isinstance(outcome["error"], SystemExit)
+    assert "ingestd up" in capsys.readouterr().err
