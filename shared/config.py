@@ -70,6 +70,16 @@ class Settings(BaseSettings):
     # Upload and parse.
     max_upload_bytes: int = Field(default=100 * MiB, ge=1)
     upload_chunk_bytes: int = Field(default=64 * 1024, ge=1024)
+    upload_idle_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="an upload that sends nothing for this long is ended",
+    )
+    # Uploads and watches are long-lived streams. Capping them below
+    # grpc_max_concurrent_rpcs keeps slots free for short calls such as
+    # GetJob and Search.
+    max_concurrent_uploads: int = Field(default=32, ge=1)
+    max_concurrent_watches: int = Field(default=128, ge=1)
     parse_timeout_seconds: float = Field(default=300.0, gt=0)
     parse_memory_limit_bytes: int = Field(default=2048 * MiB, ge=64 * MiB)
 
@@ -108,6 +118,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"INGESTD_CHUNK_OVERLAP_TOKENS ({self.chunk_overlap_tokens}) must be "
                 f"smaller than INGESTD_CHUNK_MIN_TOKENS ({self.chunk_min_tokens})"
+            )
+        streams = self.max_concurrent_uploads + self.max_concurrent_watches
+        if streams >= self.grpc_max_concurrent_rpcs:
+            raise ValueError(
+                f"INGESTD_MAX_CONCURRENT_UPLOADS plus INGESTD_MAX_CONCURRENT_WATCHES ({streams}) "
+                f"must stay below INGESTD_GRPC_MAX_CONCURRENT_RPCS ({self.grpc_max_concurrent_rpcs}), "
+                "so short calls always find a free slot"
             )
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError(

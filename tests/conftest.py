@@ -101,6 +101,8 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         backoff_base_seconds=0.2,
         backoff_max_seconds=1,
         shutdown_grace_seconds=5,
+        upload_idle_timeout_seconds=2,
+        max_concurrent_uploads=8,
         log_format="text",
     )
 

@@ -63,6 +63,37 @@ async def document_lock(
                 )
 
 
+async def _with_idle_timeout(
+    requests: AsyncIterator[pb.UploadRequest],
+    idle_seconds: float,
+    context: grpc.aio.ServicerContext,
+) -> AsyncIterator[pb.UploadRequest]:
+    """Yield requests, ending the call when none arrives for idle_seconds.
+
+    Without this, a client that opens a stream and sends nothing would hold
+    its slot and its temporary file forever.
+    """
+    iterator = aiter(requests)
+    while True:
+        try:
+            message = await asyncio.wait_for(anext(iterator), timeout=idle_seconds)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            log.warning(
+                "upload stalled; ending it",
+                extra={"event": "upload_idle_timeout", "idle_seconds": idle_seconds},
+            )
+            await abort(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the upload sent nothing for {idle_seconds:g} s "
+                "(INGESTD_UPLOAD_IDLE_TIMEOUT_SECONDS); send the file again without pausing",
+                reason="UPLOAD_IDLE",
+            )
+        yield message
+
+
 def display_filename(name: str) -> str:
     """Clean a client-supplied file name for display: no path, no controls."""
     name = name.replace("\\", "/").rsplit("/", 1)[-1].translate(_CONTROL).strip()
@@ -86,10 +117,31 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         self.settings = settings
         self.identity = identity
         self.listener = listener
+        self._active_uploads = 0
+        self._active_watches = 0
 
     # Upload ---------------------------------------------------------------
 
     async def Upload(
+        self,
+        request_iterator: AsyncIterator[pb.UploadRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.UploadResponse:
+        if self._active_uploads >= self.settings.max_concurrent_uploads:
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._active_uploads} uploads are in progress, the maximum "
+                "(INGESTD_MAX_CONCURRENT_UPLOADS); retry in a few seconds",
+                reason="TOO_MANY_UPLOADS",
+            )
+        self._active_uploads += 1
+        try:
+            return await self._receive_upload(request_iterator, context)
+        finally:
+            self._active_uploads -= 1
+
+    async def _receive_upload(
         self,
         request_iterator: AsyncIterator[pb.UploadRequest],
         context: grpc.aio.ServicerContext,
@@ -110,8 +162,11 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         size = 0
         head = bytearray()
         committed = False
+        idle_seconds = self.settings.upload_idle_timeout_seconds
         try:
-            async for message in request_iterator:
+            async for message in _with_idle_timeout(
+                request_iterator, idle_seconds, context
+            ):
                 kind = message.WhichOneof("payload")
                 if kind == "metadata":
                     if metadata is not None:
@@ -368,7 +423,25 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobResponse]:
+        if self._active_watches >= self.settings.max_concurrent_watches:
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._active_watches} jobs are being watched, the maximum "
+                "(INGESTD_MAX_CONCURRENT_WATCHES); poll with GetJob or retry later",
+                reason="TOO_MANY_WATCHES",
+            )
         row = await self._fetch_job(context, request.job_id)
+        self._active_watches += 1
+        try:
+            async for response in self._watch(row, context):
+                yield response
+        finally:
+            self._active_watches -= 1
+
+    async def _watch(
+        self, row: asyncpg.Record, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchJobResponse]:
         changed = asyncio.Event()
         job_key = str(row["job_id"])
 

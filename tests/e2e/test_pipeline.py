@@ -404,3 +404,35 @@ async def test_delete_racing_reupload_keeps_file(pipeline: Pipeline, pool) -> No
             await upload(pipeline, data, "race.md")
             continue
         assert (pipeline.settings.blob_dir / raw_path).is_file()
+
+
+async def test_stalled_uploads_limited_and_ended(pipeline: Pipeline) -> None:
+    stub = upload_grpc.UploadServiceStub(pipeline.gateway_channel)
+    release = asyncio.Event()
+
+    async def stalled():
+        yield upload_pb.UploadRequest(
+            metadata=upload_pb.UploadMetadata(filename="slow.txt")
+        )
+        await release.wait()
+
+    limit = pipeline.settings.max_concurrent_uploads
+    calls = [asyncio.ensure_future(stub.Upload(stalled())) for _ in range(limit)]
+    await asyncio.sleep(0.5)
+    with pytest.raises(grpc.aio.AioRpcError) as extra:
+        await upload(pipeline, b"one upload too many\n", "extra.txt")
+    listed = await stub.ListJobs(upload_pb.ListJobsRequest())
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    release.set()
+    after = await upload(
+        pipeline, b"accepted once the stalled uploads ended\n", "after.txt"
+    )
+
+    assert extra.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "INGESTD_MAX_CONCURRENT_UPLOADS" in extra.value.details()
+    assert listed is not None
+    for outcome in outcomes:
+        assert isinstance(outcome, grpc.aio.AioRpcError)
+        assert outcome.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert after.job.job_id
+    assert not list((pipeline.settings.blob_dir / "tmp").glob("*.part"))
