@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     chunk_min_tokens: int = Field(default=200, ge=1)
     chunk_max_tokens: int = Field(default=256, ge=8)
     chunk_overlap_tokens: int = Field(default=32, ge=0)
+    chunk_max_chars: int = Field(
+        default=4096,
+        ge=256,
+        description="longest chunk in characters, for text the tokenizer reads as few tokens",
+    )
 
     # Embedding.
     embed_backend: Literal["sentence-transformers"] = "sentence-transformers"

@@ -101,8 +101,10 @@ class MarkdownChunker:
         min_tokens: int,
         max_tokens: int,
         overlap_tokens: int,
+        max_chars: int = 4096,
     ) -> None:
         self.min_tokens = min_tokens
+        self.max_chars = max_chars
         self.max_tokens = max_tokens
         self.overlap_tokens = overlap_tokens
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -128,7 +130,7 @@ class MarkdownChunker:
         # with it every chunk id, so old chunks are never silently reused.
         self.version = (
             f"sts-{version('semantic-text-splitter')}"
-            f"-tok-{tokenizer_sha}-t{min_tokens}-{max_tokens}-o{overlap_tokens}"
+            f"-tok-{tokenizer_sha}-t{min_tokens}-{max_tokens}-o{overlap_tokens}-c{max_chars}"
         )
         self.name = CHUNKER_NAME
 
@@ -141,7 +143,8 @@ class MarkdownChunker:
         headings = heading_index(text)
         pieces: list[tuple[int, str]] = []
         for start, piece in self._splitter.chunk_indices(text):
-            pieces.extend(self._enforce_limit(start, piece))
+            for part_start, part in self._enforce_limit(start, piece):
+                pieces.extend(self._enforce_char_limit(part_start, part))
         chunks = []
         for ordinal, (start, piece) in enumerate(pieces):
             end = start + len(piece)
@@ -163,6 +166,23 @@ class MarkdownChunker:
                 )
             )
         return chunks
+
+    def _enforce_char_limit(self, start: int, piece: str) -> list[tuple[int, str]]:
+        # WordPiece turns any word over 100 characters into one [UNK] token,
+        # so text without spaces fits the token limit at any length. Such a
+        # piece is cut at max_chars, at the last space in its second half
+        # when there is one.
+        parts = []
+        offset = 0
+        while len(piece) - offset > self.max_chars:
+            end = offset + self.max_chars
+            space = piece.rfind(" ", offset + self.max_chars // 2, end)
+            if space > offset:
+                end = space + 1
+            parts.append((start + offset, piece[offset:end]))
+            offset = end
+        parts.append((start + offset, piece[offset:]))
+        return [(part_start, part) for part_start, part in parts if part.strip()]
 
     def _enforce_limit(self, start: int, piece: str) -> list[tuple[int, str]]:
         # The splitter keeps to its capacity, but a tokenizer can count a

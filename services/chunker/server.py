@@ -29,6 +29,7 @@ def build_chunker(settings: Settings) -> MarkdownChunker:
         min_tokens=settings.chunk_min_tokens,
         max_tokens=settings.chunk_max_tokens,
         overlap_tokens=settings.chunk_overlap_tokens,
+        max_chars=settings.chunk_max_chars,
     )
 
 
