@@ -7,10 +7,12 @@ name exactly what produced a vector; they are part of every job's identity.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -26,9 +28,45 @@ class EmbeddingBackend(Protocol):
     dimensions: int
     max_tokens: int
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """Return one row per text, shape (len(texts), dimensions)."""
+    def embed(self, texts: list[str], *, urgent: bool = False) -> np.ndarray:
+        """Return one row per text, shape (len(texts), dimensions).
+
+        urgent calls (a search query) run before waiting batch work.
+        """
         ...
+
+
+class PriorityLock:
+    """Mutual exclusion in which urgent holders go before waiting normal ones.
+
+    The model runs one call at a time. Without priorities a search query
+    would queue behind every waiting ingestion batch.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._busy = False
+        self._urgent_waiting = 0
+
+    @contextlib.contextmanager
+    def hold(self, *, urgent: bool = False) -> Iterator[None]:
+        """Block until the lock is free for this caller, then hold it."""
+        with self._condition:
+            if urgent:
+                self._urgent_waiting += 1
+            try:
+                while self._busy or (not urgent and self._urgent_waiting):
+                    self._condition.wait()
+            finally:
+                if urgent:
+                    self._urgent_waiting -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._busy = False
+                self._condition.notify_all()
 
 
 def _file_sha256(path: Path) -> str:
@@ -59,7 +97,7 @@ class SentenceTransformersBackend:
             torch.set_num_threads(threads)
         self._model = SentenceTransformer(str(model_dir), device="cpu")
         # torch modules are not safe to call from several threads at once.
-        self._lock = threading.Lock()
+        self._lock = PriorityLock()
         dimensions = self._model.get_embedding_dimension()
         if dimensions is None:
             raise ValueError(f"model at {model_dir} does not report its dimensions")
@@ -81,8 +119,8 @@ class SentenceTransformersBackend:
         # normalization, which together decide the vectors.
         self.embed_version = f"w-{weights_sha}-seq{self.max_tokens}-unit"
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        with self._lock:
+    def embed(self, texts: list[str], *, urgent: bool = False) -> np.ndarray:
+        with self._lock.hold(urgent=urgent):
             vectors = self._model.encode(
                 texts,
                 batch_size=len(texts) or 1,

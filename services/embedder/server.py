@@ -57,7 +57,8 @@ class EmbedderServicer(pb_grpc.EmbedderServiceServicer):
                     reason="EMPTY_TEXT",
                     field_name=f"texts[{index}]",
                 )
-        vectors = await asyncio.to_thread(self.backend.embed, texts)
+        # Embed serves search queries, so it goes ahead of waiting batches.
+        vectors = await asyncio.to_thread(self.backend.embed, texts, urgent=True)
         validate_vectors(vectors, len(texts), self.backend.dimensions)
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=vector.tolist()) for vector in vectors],
