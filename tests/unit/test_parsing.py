@@ -705,6 +705,13 @@ def test_pdf_empty_corpus_page(corpus: Path) -> None:
     assert result.page_offsets == [0]
 
 
+def test_pdf_without_trailer_is_corrupt(corpus: Path) -> None:
+    with pytest.raises(ParseError) as excinfo:
+        parse_corpus_file(corpus, "pdf/pj_issue15590.pdf")
+    assert excinfo.value.code == "corrupt_file"
+    assert "startxref" in excinfo.value.message
+
+
 def test_pdf_ligatures_become_letters(corpus: Path) -> None:
     markdown = parse_corpus_file(corpus, "pdf/pj_copy_paste_ligatures.pdf").markdown
     assert not re.search("[\ufb00-\ufb06]", markdown)

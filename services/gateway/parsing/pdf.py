@@ -42,6 +42,17 @@ def parse_pdf(data: bytes, password: str | None) -> ParsedDocument:
             f"the PDF has {image_page_count} {pages} of images and no text "
             "layer; run OCR (for example ocrmypdf) and upload the result",
         )
+    tail = data[-1024:]
+    if not markdown and (b"%%EOF" not in tail or b"startxref" not in tail):
+        # PDFium rebuilds a damaged file into blank pages rather than failing.
+        # A file without text that also lacks the startxref and %%EOF trailer,
+        # which readers look for in the last 1024 bytes, is taken as damaged
+        # rather than blank.
+        raise ParseError(
+            "corrupt_file",
+            f"the PDF ({len(data)} bytes) has no text and no startxref/%%EOF "
+            "trailer, so it is probably truncated or damaged; upload the complete file",
+        )
 
     return ParsedDocument(
         markdown=markdown,
