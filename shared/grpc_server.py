@@ -1,9 +1,9 @@
 """gRPC server bootstrap shared by the three services.
 
-Every server gets health checking, reflection, an interceptor that sets the
-request id and the caller's user id and turns unexpected exceptions into
-INTERNAL, message size limits, and graceful shutdown tied to the stage
-worker running in the same event loop.
+Every server gets health checking, reflection and message size limits. An
+interceptor sets the request id and the caller's user id, and turns
+unexpected exceptions into INTERNAL. Graceful shutdown also drains the stage
+worker that runs in the same event loop.
 """
 
 from __future__ import annotations

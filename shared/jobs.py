@@ -62,11 +62,12 @@ RETRY_TARGETS: Mapping[Status, Status] = {
 
 @dataclass(frozen=True)
 class StageSpec:
-    """The statuses one stage claims, and what a claim turns each into.
+    """Statuses one stage claims, and the status each claim moves a job to.
 
     ``claims`` maps a claimable status to the status the job has while a
-    worker holds it. In-flight statuses map to themselves: they are claimable
-    only after their lease expired, when the worker that held them died.
+    worker has a lease on it. In-flight statuses map to themselves, because
+    they are claimable only after their lease expired, when the worker that
+    had it died.
     ``releases`` maps an in-flight status to the status a draining worker
     hands the job back in.
     """

@@ -1,9 +1,10 @@
 """BaseWorker: claims jobs for one stage, keeps their leases alive, runs them.
 
-A stage subclass implements ``process``. The base class owns the protocol:
-claim in a short transaction, renew the lease from a heartbeat task on its
-own connections, classify failures into retries or failed statuses, wake on
-notifications with polling as the fallback, and drain on shutdown.
+A stage subclass implements ``process``, and the base class runs the
+protocol around it. It claims in a short transaction and renews the lease
+from a heartbeat task on its own connections. It turns failures into retries
+or failed statuses, wakes on notifications with polling as the fallback, and
+drains on shutdown.
 """
 
 from __future__ import annotations

@@ -186,7 +186,8 @@ class MarkdownChunker:
 
     def _enforce_limit(self, start: int, piece: str) -> list[tuple[int, str]]:
         # The splitter keeps to its capacity, but a tokenizer can count a
-        # piece differently once it stands alone (word boundaries change).
+        # piece differently once it is encoded on its own, because word
+        # boundaries change.
         # Anything over the limit is cut at token offsets.
         encoding = self.tokenizer.encode(piece, add_special_tokens=False)
         if len(encoding.ids) + self.special_tokens <= self.max_tokens:

@@ -100,8 +100,8 @@ async def archive_due_buffers(
                 *key_args,
             )
             # Chunk rows may still serve another job of the same document and
-            # chunker (a second embedding model); they go only when no such
-            # job still needs them.
+            # chunker, for a second embedding model. They are deleted only when
+            # no such job still needs them.
             await connection.execute(
                 """
                 DELETE FROM document_chunk_buffer AS c

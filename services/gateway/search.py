@@ -22,8 +22,8 @@ MAX_QUERY_CHARS = 4096
 EMBED_TIMEOUT_SECONDS = 30.0
 
 # Filtering by user after an approximate HNSW scan can leave fewer than top_k
-# rows; iterative scans (pgvector 0.8+) keep scanning until enough rows pass
-# the filter.
+# rows. Iterative scans (pgvector 0.8 and later) keep scanning until enough
+# rows pass the filter.
 SEARCH_SQL = """
 SELECT c.chunk_id, c.document_id, d.filename, c.chunk_ord, c.text, c.meta,
        1 - (c.embedding <=> $1) AS score
