@@ -14,7 +14,7 @@ import contextvars
 import logging
 import signal
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -311,9 +311,6 @@ class RunningService:
         await self.runtime.close()
         log.info("stopped", extra={"event": "service_stopped", "service": self.name})
 
-    async def wait_for_termination(self) -> None:
-        await self.server.wait_for_termination()
-
 
 async def start_service(
     name: str,
@@ -401,8 +398,3 @@ def run_service(
         await running.stop()
 
     asyncio.run(main())
-
-
-def service_names(descriptors: Iterable[Any]) -> list[str]:
-    """Full names of the services in the given file descriptors' services."""
-    return [service.full_name for service in descriptors]
