@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from services.chunker.chunking import Chunk, MarkdownChunker
-from shared import ids, jobs
+from shared import failpoints, ids, jobs
 from shared.errors import PermanentError
 from shared.hashing import parsed_sha256
 from shared.jobs import CHUNK_STAGE, ClaimedJob, Lease, Status
@@ -39,6 +39,7 @@ class ChunkWorker(BaseWorker):
         self.chunker_version = chunker.version
 
     async def process(self, job: ClaimedJob, lease: Lease) -> None:
+        await failpoints.hit("chunk.start", document_id=job.document_id)
         text = await self._load_parsed_text(job)
         async with self.pool.acquire() as connection:
             page_offsets = await connection.fetchval(
@@ -46,6 +47,7 @@ class ChunkWorker(BaseWorker):
                 job.document_id,
             )
         chunks = await asyncio.to_thread(self.chunker.chunk, text, page_offsets)
+        await failpoints.hit("chunk.before_store", document_id=job.document_id)
         await self.store_chunks(job, lease, chunks)
 
     async def _load_parsed_text(self, job: ClaimedJob) -> str:

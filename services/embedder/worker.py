@@ -9,7 +9,7 @@ import asyncpg
 import numpy as np
 
 from services.embedder.backends import EmbeddingBackend, validate_vectors
-from shared import ids, jobs
+from shared import failpoints, ids, jobs
 from shared.errors import TransientError
 from shared.hashing import vector_sha
 from shared.jobs import EMBED_STAGE, ClaimedJob, Lease, Status
@@ -123,6 +123,7 @@ class EmbedWorker(BaseWorker):
             if not batch:
                 break
             texts = [row["text"] for row in batch]
+            await failpoints.hit("embed.before_batch", document_id=job.document_id)
             vectors = await asyncio.to_thread(self.backend.embed, texts)
             try:
                 validate_vectors(vectors, len(texts), self.backend.dimensions)
@@ -132,6 +133,7 @@ class EmbedWorker(BaseWorker):
                 job, lease, batch, vectors, done_before=done
             )
             done += len(batch)
+            await failpoints.hit("embed.batch_stored", document_id=job.document_id)
             log.debug(
                 "stored embedding batch",
                 extra={
@@ -208,6 +210,7 @@ class EmbedWorker(BaseWorker):
 
     async def finalize(self, job: ClaimedJob, lease: Lease) -> None:
         """Promote the buffers to document_chunks and mark the job complete, atomically."""
+        await failpoints.hit("embed.before_finalize", document_id=job.document_id)
         async with self.pool.acquire() as connection, connection.transaction():
             await jobs.advance(connection, lease, Status.COMPLETE, keep_lease=False)
             result = await connection.execute(

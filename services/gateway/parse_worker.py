@@ -11,7 +11,7 @@ import signal
 import sys
 from typing import Any
 
-from shared import jobs
+from shared import failpoints, jobs
 from shared.errors import PermanentError, TransientError
 from shared.hashing import parsed_sha256
 from shared.jobs import PARSE_STAGE, ClaimedJob, Lease, Status
@@ -60,6 +60,7 @@ class ParseWorker(BaseWorker):
         if not result["ok"]:
             raise PermanentError(result["code"], result["message"])
         markdown: str = result["markdown"]
+        await failpoints.hit("parse.before_store", document_id=job.document_id)
         key = parsed_key(job.user_id, job.document_id)
         digest = parsed_sha256(markdown)
         try:
