@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 import migrations
+from ingestd.v1 import upload_service_pb2 as upload_pb
 from services.chunker.server import build as build_chunker
 from services.embedder.server import build as build_embedder
 from services.gateway.server import build as build_gateway
@@ -164,6 +165,15 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
     runtime = await Runtime.open(settings)
     yield runtime
     await runtime.close()
+
+
+def upload_messages(data: bytes, filename: str, chunk_size: int = 64 * 1024):
+    """Yield an Upload stream: metadata first, then the bytes in chunks."""
+    yield upload_pb.UploadRequest(
+        metadata=upload_pb.UploadMetadata(filename=filename, size_bytes=len(data))
+    )
+    for start in range(0, len(data), chunk_size):
+        yield upload_pb.UploadRequest(chunk=data[start : start + chunk_size])
 
 
 def corpus_file(relative: str) -> Path:

@@ -27,7 +27,7 @@ from ingestd.v1 import (
 )
 from ingestd.v1 import upload_service_pb2 as upload_pb
 from ingestd.v1 import upload_service_pb2_grpc as upload_grpc
-from tests.conftest import CORPUS, Pipeline, corpus_file
+from tests.conftest import CORPUS, Pipeline, corpus_file, upload_messages
 
 pytestmark = pytest.mark.e2e
 
@@ -41,14 +41,6 @@ CORPUS_DOCUMENTS = [
     "txt/gutenberg_pg11_alice_crlf.txt",
 ]
 COMPLETE = resources_pb2.JOB_STATUS_COMPLETE
-
-
-def upload_messages(data: bytes, filename: str, chunk_size: int = 64 * 1024):
-    yield upload_pb.UploadRequest(
-        metadata=upload_pb.UploadMetadata(filename=filename, size_bytes=len(data))
-    )
-    for start in range(0, len(data), chunk_size):
-        yield upload_pb.UploadRequest(chunk=data[start : start + chunk_size])
 
 
 async def upload(
