@@ -205,10 +205,10 @@ class Runtime:
     storage: LocalBlobStore
 
     @classmethod
-    async def open(cls, settings: Settings) -> Runtime:
+    async def open(cls, settings: Settings, *, service: str = "ingestd") -> Runtime:
         database_url = await asyncio.to_thread(resolve_database_url, settings)
         pool = await create_pool(database_url, settings)
-        listener = JobListener(database_url)
+        listener = JobListener(database_url, service=service)
         listener.start()
         return cls(
             settings, database_url, pool, listener, LocalBlobStore(settings.blob_dir)
@@ -321,7 +321,7 @@ async def start_service(
     runtime: Runtime | None = None,
 ) -> RunningService:
     """Open the runtime, build the service, bind the port and start serving."""
-    runtime = runtime or await Runtime.open(settings)
+    runtime = runtime or await Runtime.open(settings, service=name)
     parts = await build(runtime)
     options = [
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),

@@ -32,9 +32,14 @@ class JobListener:
     """Delivers job notifications to in-process subscribers."""
 
     def __init__(
-        self, database_url: str, *, reconnect_max_seconds: float = 5.0
+        self,
+        database_url: str,
+        *,
+        service: str = "ingestd",
+        reconnect_max_seconds: float = 5.0,
     ) -> None:
         self._url = database_url
+        self._service = service
         self._reconnect_max_seconds = reconnect_max_seconds
         self._subscribers: set[Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
@@ -97,15 +102,19 @@ class JobListener:
                 self.connected.set()
                 log.info(
                     "listening for job notifications",
-                    extra={"event": "listener_connected"},
+                    extra={"event": "listener_connected", "service": self._service},
                 )
                 # Anything sent while disconnected is gone: look again.
                 self._dispatch(None)
                 delay = 0.1
-                await self._wait_until_lost(connection)
+                reason = await self._wait_until_lost(connection)
                 log.warning(
                     "job notification connection lost; reconnecting",
-                    extra={"event": "listener_lost"},
+                    extra={
+                        "event": "listener_lost",
+                        "service": self._service,
+                        "reason": reason,
+                    },
                 )
             except asyncio.CancelledError:
                 raise
@@ -113,7 +122,11 @@ class JobListener:
                 log.warning(
                     "cannot listen for job notifications; retrying in %.1f s",
                     delay,
-                    extra={"event": "listener_reconnect", "error": str(exc)},
+                    extra={
+                        "event": "listener_reconnect",
+                        "service": self._service,
+                        "reason": str(exc),
+                    },
                 )
             finally:
                 self.connected.clear()
@@ -123,14 +136,15 @@ class JobListener:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._reconnect_max_seconds)
 
-    async def _wait_until_lost(self, connection: asyncpg.Connection) -> None:
-        # The termination callback fires when the server closes the socket;
-        # the periodic ping catches a connection that died silently.
+    async def _wait_until_lost(self, connection: asyncpg.Connection) -> str:
+        """Wait until the connection drops; return why, for the log."""
+        # The termination callback fires when the server closes the socket,
+        # and the periodic ping catches a connection that died silently.
         while not self._lost.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), timeout=10)
             if self._lost.is_set() or connection.is_closed():
-                return
+                break
             try:
                 await asyncio.wait_for(connection.execute("SELECT 1"), timeout=5)
             except (
@@ -138,5 +152,6 @@ class JobListener:
                 TimeoutError,
                 asyncpg.PostgresError,
                 asyncpg.InterfaceError,
-            ):
-                return
+            ) as exc:
+                return f"ping failed: {type(exc).__name__}: {exc}"
+        return "the server closed the connection"

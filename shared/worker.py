@@ -224,7 +224,7 @@ class BaseWorker(ABC):
                     log.warning(
                         "claim failed; retrying in %.1f s",
                         delay,
-                        extra=self._fields(None, "claim_failed", error=str(exc)),
+                        extra=self._fields(None, "claim_failed", reason=str(exc)),
                     )
                     await self._sleep_or_stop(delay)
                     continue
@@ -346,7 +346,9 @@ class BaseWorker(ABC):
                 # Should it expire meanwhile, the guarded writes catch it.
                 log.warning(
                     "heartbeat failed",
-                    extra=self._fields(running.job, "heartbeat_failed", error=str(exc)),
+                    extra=self._fields(
+                        running.job, "heartbeat_failed", reason=str(exc)
+                    ),
                 )
                 continue
             if expires is None:
@@ -368,14 +370,19 @@ class BaseWorker(ABC):
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning(
                 "could not release the job; it becomes claimable when its lease expires",
-                extra=self._fields(job, "release_failed", error=str(exc)),
+                extra=self._fields(job, "release_failed", reason=str(exc)),
             )
             return
         if released:
             self.counters.released += 1
             log.info(
                 "released unfinished job",
-                extra=self._fields(job, "job_released", status=str(lease.status)),
+                extra=self._fields(
+                    job,
+                    "job_released",
+                    status=str(lease.status),
+                    reason="shutdown grace period ended before the stage finished",
+                ),
             )
         else:
             self._lease_lost(job, "lease gone at release")
@@ -390,7 +397,14 @@ class BaseWorker(ABC):
                 exc_info=exc,
                 extra=self._fields(job, "stage_error"),
             )
-        if verdict.transient and job.retry_count < self.settings.max_retries:
+        # A retry needs another claim, so a job on its last attempt fails now
+        # with its real error instead of coming back only to be failed for
+        # running out of attempts.
+        if (
+            verdict.transient
+            and job.retry_count < self.settings.max_retries
+            and job.attempts < job.max_attempts
+        ):
             delay = backoff_seconds(
                 job.retry_count,
                 base=self.settings.backoff_base_seconds,
@@ -402,7 +416,10 @@ class BaseWorker(ABC):
             return
         message = verdict.message
         if verdict.transient:
-            message = f"{message} (gave up after {job.retry_count} retries)"
+            message = (
+                f"{message} (gave up after {job.retry_count} retries and "
+                f"{job.attempts} of {job.max_attempts} attempts)"
+            )
         await self._fail(job, lease, verdict.code, message)
 
     async def _retry(
@@ -422,7 +439,7 @@ class BaseWorker(ABC):
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning(
                 "could not schedule the retry; the job becomes claimable when its lease expires",
-                extra=self._fields(job, "retry_write_failed", error=str(exc)),
+                extra=self._fields(job, "retry_write_failed", reason=str(exc)),
             )
             return
         if not scheduled:
@@ -458,7 +475,7 @@ class BaseWorker(ABC):
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning(
                 "could not record the failure; the job becomes claimable when its lease expires",
-                extra=self._fields(job, "fail_write_failed", error=str(exc)),
+                extra=self._fields(job, "fail_write_failed", reason=str(exc)),
             )
             return
         if not failed:
