@@ -190,14 +190,19 @@ class ClaimedJob:
         )
 
 
+# The claim statement. {statuses} is replaced by one stage's claimable
+# statuses as SQL literals (see claim_query), so the planner can match them
+# to the predicate of that stage's partial index.
 CLAIM_SQL = """
 WITH candidates AS (
     SELECT job_id, status AS claimed_from
     FROM upload_jobs
-    -- Served by the partial index upload_jobs_claim_idx, which holds only
-    -- jobs that are not terminal.
-    WHERE status = ANY($1::text[])
-      AND status NOT IN ('complete', 'failed_parse', 'failed_chunking', 'failed_embedding')
+    -- Served by the stage's partial index upload_jobs_<stage>_claim_idx on
+    -- (run_after, created_at), whose predicate is this status list. The
+    -- index returns rows in ORDER BY order, so the scan stops once LIMIT
+    -- rows pass the filters below, instead of reading and sorting every
+    -- waiting job.
+    WHERE status IN ({statuses})
       -- Backoff: a retried job waits until run_after.
       AND run_after <= now()
       -- A job with a live lease belongs to another worker. An expired lease
@@ -205,10 +210,10 @@ WITH candidates AS (
       AND (lease_expires_at IS NULL OR lease_expires_at < now())
       -- A worker takes only jobs stamped with its own chunker or model
       -- version, so replicas of two versions can run side by side.
-      AND ($7::text IS NULL OR chunker_version = $7)
-      AND ($8::text IS NULL OR embed_version = $8)
+      AND ($6::text IS NULL OR chunker_version = $6)
+      AND ($7::text IS NULL OR embed_version = $7)
     ORDER BY run_after, created_at
-    LIMIT $2
+    LIMIT $1
     -- A row lock held only for this short transaction: other claimers skip
     -- the rows instead of waiting, then the lease keeps them away.
     FOR UPDATE SKIP LOCKED
@@ -217,15 +222,15 @@ claimed AS (
     UPDATE upload_jobs AS j
     SET status = t.to_status,
         lease_token = gen_random_uuid(),
-        leased_by = $5,
-        lease_expires_at = now() + make_interval(secs => $6),
+        leased_by = $4,
+        lease_expires_at = now() + make_interval(secs => $5),
         heartbeat_at = now(),
         -- Counted at claim, so a document that kills its worker every time
         -- still runs out of attempts.
         attempts = j.attempts + 1,
         updated_at = now()
     FROM candidates AS c
-    JOIN unnest($3::text[], $4::text[]) AS t(from_status, to_status)
+    JOIN unnest($2::text[], $3::text[]) AS t(from_status, to_status)
       ON t.from_status = c.claimed_from
     WHERE j.job_id = c.job_id
     RETURNING j.*, c.claimed_from
@@ -238,6 +243,32 @@ events AS (
 )
 SELECT * FROM claimed
 """
+
+
+def claim_query(
+    spec: StageSpec,
+    *,
+    worker: str,
+    limit: int,
+    lease_seconds: float,
+    chunker_version: str | None = None,
+    embed_version: str | None = None,
+) -> tuple[str, list[Any]]:
+    """Build the claim statement for a stage and its arguments, as claim_jobs runs them."""
+    sources = [Status(status) for status in spec.claims]
+    # Status() raises ValueError for anything but a member of the enum, and
+    # no member contains a quote, so the literals cannot carry foreign SQL.
+    literals = ", ".join(f"'{status.value}'" for status in sources)
+    arguments: list[Any] = [
+        limit,
+        [str(status) for status in sources],
+        [str(spec.claims[status]) for status in sources],
+        worker,
+        float(lease_seconds),
+        chunker_version,
+        embed_version,
+    ]
+    return CLAIM_SQL.format(statuses=literals), arguments
 
 
 async def claim_jobs(
@@ -255,20 +286,16 @@ async def claim_jobs(
     chunker_version and embed_version, when given, restrict the claim to
     jobs stamped with that version.
     """
-    sources = [str(status) for status in spec.claims]
-    targets = [str(spec.claims[status]) for status in spec.claims]
+    query, arguments = claim_query(
+        spec,
+        worker=worker,
+        limit=limit,
+        lease_seconds=lease_seconds,
+        chunker_version=chunker_version,
+        embed_version=embed_version,
+    )
     async with connection.transaction():
-        rows = await connection.fetch(
-            CLAIM_SQL,
-            sources,
-            limit,
-            sources,
-            targets,
-            worker,
-            float(lease_seconds),
-            chunker_version,
-            embed_version,
-        )
+        rows = await connection.fetch(query, *arguments)
     return [ClaimedJob.from_record(row) for row in rows]
 
 
