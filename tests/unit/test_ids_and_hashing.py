@@ -1,4 +1,4 @@
-"""Deterministic ids, content hashes and the retry backoff."""
+"""Deterministic ids and content hashes."""
 
 from __future__ import annotations
 
@@ -7,16 +7,8 @@ import uuid
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from shared import ids
-from shared.errors import (
-    PermanentError,
-    TransientError,
-    backoff_seconds,
-    classify_error,
-)
 from shared.hashing import chunk_sha, normalize_text, parsed_sha256, vector_sha
 
 NAMESPACE = uuid.UUID("6c8a1e6e-1f0b-4aa8-9f0a-1a7c2e6f2b42")
@@ -50,30 +42,6 @@ def test_vector_sha_uses_little_endian_float32() -> None:
     expected = hashlib.sha256(np.asarray(vector, dtype="<f4").tobytes()).hexdigest()
     assert vector_sha(vector) == expected
     assert vector_sha(np.asarray(vector, dtype=np.float64)) == expected
-
-
-@given(st.integers(min_value=0, max_value=1000))
-def test_backoff_positive_and_capped(retry: int) -> None:
-    delay = backoff_seconds(retry, base=3, maximum=300)
-    assert 0 < delay <= 300
-
-
-@given(st.integers(min_value=0, max_value=5))
-def test_backoff_grows_until_cap(retry: int) -> None:
-    low = backoff_seconds(retry, base=3, maximum=300, jitter=0)
-    high = backoff_seconds(retry + 1, base=3, maximum=300, jitter=0)
-    assert low == min(300, 3 * 2**retry)
-    assert high >= low
-
-
-def test_classify_error_kinds() -> None:
-    assert not classify_error(PermanentError("corrupt_file", "bad")).transient
-    assert (
-        classify_error(TransientError("rate_limited", "429", 7.0)).retry_after_seconds
-        == 7.0
-    )
-    assert classify_error(TimeoutError()).transient
-    assert classify_error(ConnectionResetError()).transient
 
 
 def test_check_user_id_accepts_safe_names() -> None:
