@@ -27,6 +27,13 @@ from shared.errors import PermanentError, TransientError
 # itself is wrong, so resending it cannot help.
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 
+# Maximum wait taken from a Retry-After header. A job waits out the whole
+# delay without a lease and without failing, so a server that requests
+# years would park it that long. A wait past PostgreSQL's interval range
+# makes scheduling the retry fail, and the job is then claimed again when
+# its lease expires, sooner than the server asked.
+MAX_RETRY_AFTER_SECONDS = 24 * 3600.0
+
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Return the seconds a ``Retry-After`` header asks for, or None.
@@ -42,7 +49,8 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
+            # A year too large for a C long raises OverflowError.
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
@@ -71,6 +79,7 @@ class OpenAICompatibleBackend:
         revision: str = "1",
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._api_key = api_key
         self._client = httpx.Client(
             base_url=base_url.rstrip("/") + "/",
             headers=headers,
@@ -121,14 +130,21 @@ class OpenAICompatibleBackend:
         status = response.status_code
         if status < 400:
             return
-        detail = response.text[:300].strip()
+        detail = response.text
+        if self._api_key:
+            # Some servers echo the key they rejected, and detail goes into
+            # logs and the job's last_error. Redacting before truncating
+            # leaves no partial key behind.
+            detail = detail.replace(self._api_key, "[redacted]")
+        detail = detail[:300].strip()
         if status in _RETRYABLE_STATUS or status >= 500:
+            wait = parse_retry_after(response.headers.get("Retry-After"))
+            if wait is not None:
+                wait = min(wait, MAX_RETRY_AFTER_SECONDS)
             raise TransientError(
                 "embedding_rate_limited" if status == 429 else "embedding_api_error",
                 f"embedding API returned HTTP {status}: {detail}",
-                retry_after_seconds=parse_retry_after(
-                    response.headers.get("Retry-After")
-                ),
+                retry_after_seconds=wait,
             )
         hint = (
             "check INGESTD_EMBED_API_KEY"

