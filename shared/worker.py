@@ -31,6 +31,9 @@ from shared.notify import JobListener
 
 log = logging.getLogger(__name__)
 
+# Longest wait before a retry, whatever a remote service asks for.
+MAX_RETRY_DELAY_SECONDS = 24 * 3600.0
+
 
 def make_worker_id(stage: str) -> str:
     """Build a worker identity that is unique across hosts and restarts."""
@@ -411,7 +414,12 @@ class BaseWorker(ABC):
                 maximum=self.settings.backoff_max_seconds,
             )
             if verdict.retry_after_seconds is not None:
-                delay = max(delay, verdict.retry_after_seconds)
+                # A remote service's Retry-After may exceed the backoff cap,
+                # but never MAX_RETRY_DELAY_SECONDS, which keeps run_after
+                # within PostgreSQL's interval range.
+                delay = min(
+                    max(delay, verdict.retry_after_seconds), MAX_RETRY_DELAY_SECONDS
+                )
             await self._retry(job, lease, verdict.code, verdict.message, delay)
             return
         message = verdict.message

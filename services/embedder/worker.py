@@ -212,7 +212,15 @@ class EmbedWorker(BaseWorker):
         """Promote the buffers to document_chunks and mark the job complete, atomically."""
         await failpoints.hit("embed.before_finalize", document_id=job.document_id)
         async with self.pool.acquire() as connection, connection.transaction():
-            await jobs.advance(connection, lease, Status.COMPLETE, keep_lease=False)
+            # The errors of earlier attempts stay in job_events; a complete
+            # job shows none.
+            await jobs.advance(
+                connection,
+                lease,
+                Status.COMPLETE,
+                keep_lease=False,
+                set_columns={"last_error": None},
+            )
             result = await connection.execute(
                 PROMOTE_SQL, *self._key(job), job.job_id, job.user_id
             )
