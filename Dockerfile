@@ -40,7 +40,7 @@ RUN --mount=type=bind,source=.,target=/src,rw \
 RUN groupadd --system --gid 10001 ingestd \
     && useradd --system --uid 10001 --gid ingestd --create-home \
         --home-dir /home/ingestd ingestd \
-    && mkdir -p /var/lib/ingestd/blobs \
+    && mkdir -p /var/lib/ingestd/blobs /var/lib/ingestd/keys \
     && chown -R ingestd:ingestd /var/lib/ingestd
 
 ENV INGESTD_HOST=0.0.0.0 \

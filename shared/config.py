@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
+from limits import parse_many
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -52,7 +53,36 @@ class Settings(BaseSettings):
     default_user: str = Field(
         default="local",
         min_length=1,
-        description="user id for calls that carry no x-ingestd-user metadata",
+        description="user id of calls without a key when allow_unauthenticated is on, "
+        "and of the key `ingestd up` creates",
+    )
+
+    # Authentication and transport security.
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="development only: calls without an API key act as default_user "
+        "with admin rights, and services start with no keys in the database",
+    )
+    auth_cache_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=300,
+        description="how long a service caches a key's row; a revoked key works at most this long",
+    )
+    rate_limit: str = Field(
+        default="50/second;1000/minute",
+        description="requests allowed per API key and service process, in the "
+        "'N/second;M/minute' syntax of the limits package",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate chain the services present"
+    )
+    tls_key_file: Path | None = Field(
+        default=None, description="PEM private key of tls_cert_file"
+    )
+    tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle that clients and the gateway trust; unset means the system's",
     )
 
     # Worker and claim protocol.
@@ -168,6 +198,17 @@ class Settings(BaseSettings):
                 "INGESTD_EMBED_BACKEND=openai needs INGESTD_EMBED_API_URL and "
                 "INGESTD_EMBED_API_MODEL"
             )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "set both INGESTD_TLS_CERT_FILE and INGESTD_TLS_KEY_FILE, or neither"
+            )
+        try:
+            parse_many(self.rate_limit)
+        except ValueError as exc:
+            raise ValueError(
+                f"INGESTD_RATE_LIMIT {self.rate_limit!r} is invalid ({exc}); "
+                "write limits such as '50/second;1000/minute'"
+            ) from None
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError(
                 "INGESTD_DB_POOL_MIN_SIZE must not exceed INGESTD_DB_POOL_MAX_SIZE"
@@ -193,6 +234,11 @@ class Settings(BaseSettings):
     def chunker_target(self) -> str:
         """Address the gateway dials to reach the chunker."""
         return self.chunker_address or f"{self.host}:{self.chunker_port}"
+
+    @property
+    def tls_enabled(self) -> bool:
+        """True when the services serve TLS and call each other over it."""
+        return self.tls_cert_file is not None
 
     def heartbeat_interval_seconds(self) -> float:
         """Seconds between lease renewals: a quarter of the lease."""

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import signal
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import asyncpg
@@ -25,27 +28,39 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+from limits import parse_many
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 
+from shared.auth import KeyVerifier, Principal, count_active_keys, split_key
 from shared.config import Settings, get_settings
 from shared.db import create_pool, resolve_database_url
 from shared.ids import check_user_id
 from shared.logging import configure_logging, request_id_var
 from shared.notify import JobListener
 from shared.storage import LocalBlobStore
+from shared.tls import server_credentials
 from shared.worker import BaseWorker
 
 log = logging.getLogger(__name__)
 
 USER_METADATA_KEY = "x-ingestd-user"
+AUTHORIZATION_METADATA_KEY = "authorization"
 REQUEST_ID_METADATA_KEY = "x-request-id"
 ERROR_DOMAIN = "ingestd.dev"
 
 user_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("user_id")
+principal_var: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 
 
 def current_user() -> str:
     """Return the user id of the call being handled."""
     return user_id_var.get()
+
+
+def current_principal() -> Principal:
+    """Return the authenticated caller of the call being handled."""
+    return principal_var.get()
 
 
 async def abort(
@@ -87,15 +102,38 @@ async def abort(
     await context.abort_with_status(rpc_status.to_status(status))
 
 
-class CallContextInterceptor(grpc.aio.ServerInterceptor):
-    """Sets the request id and user id for each call and maps stray errors.
+class Access(StrEnum):
+    """Access level of a method: the key a caller needs."""
 
-    The user id comes from the ``x-ingestd-user`` metadata, or the default
-    user when it is absent. Health and reflection calls pass through.
+    # Anyone, without a key: discovery calls such as GetModelInfo.
+    PUBLIC = "public"
+    # Any valid key; the call acts for the key's user.
+    USER = "user"
+    # Admin keys only: pipeline-wide status and lists.
+    ADMIN = "admin"
+
+
+class CallContextInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates each call, sets its request id and user, and maps stray errors.
+
+    A call proves who it acts for with ``authorization: Bearer KEY``
+    metadata. An admin key may act for another user by adding
+    ``x-ingestd-user``. With allow_unauthenticated on, a call without a key
+    acts for ``x-ingestd-user`` or the default user, with admin rights.
+    Health and reflection calls pass through untouched.
     """
 
-    def __init__(self, default_user: str) -> None:
-        self._default_user = default_user
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: KeyVerifier,
+        access: Mapping[str, Access] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._verifier = verifier
+        self._access = dict(access or {})
+        self._limits = parse_many(settings.rate_limit)
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
 
     async def intercept_service(
         self,
@@ -110,17 +148,102 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         request_id = str(metadata.get(REQUEST_ID_METADATA_KEY) or uuid.uuid4())[:64]
-        user = str(metadata.get(USER_METADATA_KEY) or self._default_user)
-        return _wrap_handler(handler, method, request_id, user)
+        access = self._access.get(method, Access.USER)
 
+        async def authorize(context: grpc.aio.ServicerContext) -> None:
+            principal = await self._authenticate(context, metadata, access)
+            if access is Access.ADMIN and not principal.is_admin:
+                await abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{method} needs an admin key, and key {principal.key_id} is not "
+                    "one; create one with `ingestd keys create --user USER --admin`",
+                    reason="ADMIN_KEY_REQUIRED",
+                )
+            if access is not Access.PUBLIC:
+                await self._check_rate(context, principal)
+            principal_var.set(principal)
+            user_id_var.set(principal.user_id)
 
-def _wrap_handler(
-    handler: grpc.RpcMethodHandler, method: str, request_id: str, user: str
-) -> grpc.RpcMethodHandler:
-    async def prepare(context: grpc.aio.ServicerContext) -> None:
-        request_id_var.set(request_id)
+        return _wrap_handler(handler, method, request_id, authorize)
+
+    async def _authenticate(
+        self,
+        context: grpc.aio.ServicerContext,
+        metadata: Mapping[str, Any],
+        access: Access,
+    ) -> Principal:
+        requested_user = metadata.get(USER_METADATA_KEY)
+        token = _bearer_token(metadata.get(AUTHORIZATION_METADATA_KEY))
+        if access is Access.PUBLIC:
+            return Principal(self._settings.default_user, is_admin=False)
+        if token is None:
+            if not self._settings.allow_unauthenticated:
+                await abort(
+                    context,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing API key; send the metadata 'authorization: Bearer KEY', "
+                    "and create a key with `ingestd keys create --user USER`",
+                    reason="API_KEY_MISSING",
+                )
+            user = await self._checked_user(
+                context, str(requested_user or self._settings.default_user)
+            )
+            return Principal(user, is_admin=True)
         try:
-            user_id_var.set(check_user_id(user))
+            principal = await self._verifier.verify(token)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning(
+                "cannot check an API key: %s",
+                exc,
+                extra={"event": "auth_unavailable", "reason": str(exc)},
+            )
+            await abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "cannot check the API key because the database is unavailable; retry later",
+                reason="AUTH_UNAVAILABLE",
+            )
+            raise AssertionError("unreachable") from None
+        if principal is None:
+            parts = split_key(token)
+            named = f"API key {parts[0]}" if parts else "the API key"
+            # The key id is public; the token itself never goes to the log.
+            log.warning(
+                "rejected a call with an invalid API key",
+                extra={
+                    "event": "auth_rejected",
+                    "key_id": parts[0] if parts else None,
+                    "reason": "malformed"
+                    if parts is None
+                    else "unknown, revoked or wrong secret",
+                },
+            )
+            await abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{named} is not valid: it is malformed, unknown or revoked; "
+                "list keys with `ingestd keys list` or create one with "
+                "`ingestd keys create --user USER`",
+                reason="API_KEY_INVALID",
+            )
+            raise AssertionError("unreachable")
+        if requested_user and requested_user != principal.user_id:
+            if not principal.is_admin:
+                await abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"key {principal.key_id} belongs to user {principal.user_id!r}; only "
+                    f"admin keys may act for another user through {USER_METADATA_KEY}",
+                    reason="IMPERSONATION_DENIED",
+                )
+            user = await self._checked_user(context, str(requested_user))
+            principal = dataclasses.replace(principal, user_id=user)
+        return principal
+
+    async def _checked_user(self, context: grpc.aio.ServicerContext, user: str) -> str:
+        try:
+            return check_user_id(user)
         except ValueError as exc:
             await abort(
                 context,
@@ -128,6 +251,52 @@ def _wrap_handler(
                 f"invalid {USER_METADATA_KEY} metadata: {exc}",
                 reason="INVALID_USER_ID",
             )
+            raise AssertionError("unreachable") from None
+
+    async def _check_rate(
+        self, context: grpc.aio.ServicerContext, principal: Principal
+    ) -> None:
+        subject = principal.key_id or f"user:{principal.user_id}"
+        for item in self._limits:
+            if self._limiter.hit(item, subject):
+                continue
+            stats = self._limiter.get_window_stats(item, subject)
+            wait = max(0.0, stats.reset_time - time.time())
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit of {item} for {_subject_name(principal)} exceeded; retry in "
+                f"{wait:.1f} s, or raise INGESTD_RATE_LIMIT ({self._settings.rate_limit})",
+                reason="RATE_LIMITED",
+            )
+
+
+def _subject_name(principal: Principal) -> str:
+    if principal.key_id:
+        return f"key {principal.key_id}"
+    return f"user {principal.user_id}"
+
+
+def _bearer_token(value: Any) -> str | None:
+    if not value:
+        return None
+    scheme, _, token = str(value).strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        # Treated as no key, so the caller gets the message that explains
+        # how to send one.
+        return None
+    return token.strip()
+
+
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    request_id: str,
+    authorize: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
+) -> grpc.RpcMethodHandler:
+    async def prepare(context: grpc.aio.ServicerContext) -> None:
+        request_id_var.set(request_id)
+        await authorize(context)
 
     async def internal(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         log.error(
@@ -232,6 +401,9 @@ class ServiceParts:
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Called after the server stopped, to close clients and models.
     close: Callable[[], Awaitable[None]] | None = None
+    # Access level of each method, by full method name. Unlisted methods of
+    # the service need a valid key (Access.USER).
+    access: Mapping[str, Access] = field(default_factory=dict)
 
 
 class RunningService:
@@ -312,6 +484,33 @@ class RunningService:
         log.info("stopped", extra={"event": "service_stopped", "service": self.name})
 
 
+class StartupError(RuntimeError):
+    """Configuration error that stops a service at startup; the message names the fix."""
+
+
+async def check_keys_configured(runtime: Runtime, name: str) -> None:
+    """Raise StartupError when authentication is on and no API key exists.
+
+    Without a key no client could call the service, so it stops at once
+    with a message on how to create one.
+    """
+    if runtime.settings.allow_unauthenticated:
+        log.warning(
+            "authentication is off: calls without an API key are accepted as admin",
+            extra={"event": "auth_disabled", "service": name},
+        )
+        return
+    async with runtime.pool.acquire() as connection:
+        active = await count_active_keys(connection)
+    if active == 0:
+        await runtime.close()
+        raise StartupError(
+            f"the {name} service needs at least one API key in the database, and there "
+            "is none; create one with `ingestd keys create --user USER --admin`, or set "
+            "INGESTD_ALLOW_UNAUTHENTICATED=true for local development only"
+        )
+
+
 async def start_service(
     name: str,
     port: int,
@@ -322,6 +521,7 @@ async def start_service(
 ) -> RunningService:
     """Open the runtime, build the service, bind the port and start serving."""
     runtime = runtime or await Runtime.open(settings, service=name)
+    await check_keys_configured(runtime, name)
     parts = await build(runtime)
     options = [
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
@@ -329,7 +529,13 @@ async def start_service(
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(
-        interceptors=[CallContextInterceptor(settings.default_user)],
+        interceptors=[
+            CallContextInterceptor(
+                settings,
+                KeyVerifier(runtime.pool, cache_seconds=settings.auth_cache_seconds),
+                parts.access,
+            )
+        ],
         options=options,
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
@@ -341,9 +547,14 @@ async def start_service(
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     ]
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{settings.host}:{port}")
+    address = f"{settings.host}:{port}"
+    if settings.tls_enabled:
+        bound = server.add_secure_port(address, server_credentials(settings))
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
-        raise RuntimeError(
+        await runtime.close()
+        raise StartupError(
             f"cannot listen on {settings.host}:{port}; the port is in use or the "
             f"address is not local. Set INGESTD_{name.upper()}_PORT to a free port"
         )
@@ -373,7 +584,13 @@ def run_service(
     configure_logging(settings.log_level, settings.log_format)
 
     async def main() -> None:
-        running = await start_service(name, port_of(settings), build, settings=settings)
+        try:
+            running = await start_service(
+                name, port_of(settings), build, settings=settings
+            )
+        except StartupError as exc:
+            log.error("%s", exc, extra={"event": "startup_failed", "service": name})
+            raise SystemExit(2) from None
         loop = asyncio.get_running_loop()
         stop_requested = asyncio.Event()
 

@@ -4,6 +4,7 @@ test, and the three services running in-process on loopback ports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -105,6 +106,9 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         upload_idle_timeout_seconds=2,
         max_concurrent_uploads=8,
         log_format="text",
+        # Most tests act as one user without keys; tests/e2e/test_auth.py
+        # runs the services with authentication on.
+        allow_unauthenticated=True,
     )
 
 
@@ -134,9 +138,11 @@ class Pipeline:
         return f"127.0.0.1:{self.gateway.port}"
 
 
-@pytest.fixture
-async def pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
-    """Gateway, chunker and embedder with their workers, on loopback ports."""
+@contextlib.asynccontextmanager
+async def running_pipeline(
+    settings: Settings, channel_credentials: grpc.ChannelCredentials | None = None
+) -> AsyncIterator[Pipeline]:
+    """Start gateway, chunker and embedder in this process; stop them on exit."""
     embedder = await start_service("embedder", 0, build_embedder, settings=settings)
     chunker = await start_service("chunker", 0, build_chunker, settings=settings)
     gateway_settings = settings.model_copy(
@@ -148,15 +154,27 @@ async def pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
     gateway = await start_service(
         "gateway", 0, build_gateway, settings=gateway_settings
     )
-    channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
-        for service in (gateway, chunker, embedder)
-    ]
-    yield Pipeline(settings, gateway, chunker, embedder, *channels)
-    for channel in channels:
-        await channel.close()
-    for service in (gateway, chunker, embedder):
-        await service.stop(grace_seconds=2)
+    targets = [f"127.0.0.1:{service.port}" for service in (gateway, chunker, embedder)]
+    if channel_credentials is None:
+        channels = [grpc.aio.insecure_channel(target) for target in targets]
+    else:
+        channels = [
+            grpc.aio.secure_channel(target, channel_credentials) for target in targets
+        ]
+    try:
+        yield Pipeline(settings, gateway, chunker, embedder, *channels)
+    finally:
+        for channel in channels:
+            await channel.close()
+        for service in (gateway, chunker, embedder):
+            await service.stop(grace_seconds=2)
+
+
+@pytest.fixture
+async def pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
+    """Gateway, chunker and embedder with their workers, on loopback ports."""
+    async with running_pipeline(settings) as running:
+        yield running
 
 
 @pytest.fixture

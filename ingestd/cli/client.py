@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import mimetypes
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,20 +10,89 @@ from pathlib import Path
 import grpc
 
 from ingestd.v1 import upload_service_pb2 as upload_pb
+from shared.tls import channel_credentials
 
 UPLOAD_CHUNK_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
-def open_channel(target: str) -> grpc.Channel:
-    """Open an insecure channel to target (host:port)."""
-    return grpc.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
+class _AuthInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer KEY`` to every call on a channel."""
+
+    def __init__(self, api_key: str) -> None:
+        self._header = ("authorization", f"Bearer {api_key}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), self._header]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(
+        self, continuation, client_call_details, request_iterator
+    ):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(
+        self, continuation, client_call_details, request_iterator
+    ):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        (
+            "method",
+            "timeout",
+            "metadata",
+            "credentials",
+            "wait_for_ready",
+            "compression",
+        ),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+def open_channel(
+    target: str,
+    *,
+    api_key: str | None = None,
+    tls: bool = False,
+    tls_ca_file: Path | None = None,
+) -> grpc.Channel:
+    """Open a channel to target (host:port), with TLS and the API key when given."""
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    if tls:
+        channel = grpc.secure_channel(
+            target, channel_credentials(tls_ca_file), options=options
+        )
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    if api_key:
+        return grpc.intercept_channel(channel, _AuthInterceptor(api_key))
+    return channel
 
 
 def call_metadata(user: str | None) -> list[tuple[str, str]]:

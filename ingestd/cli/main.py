@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ingestd.cli import supervisor
+from ingestd.cli import keys, supervisor
 from ingestd.cli.client import call_metadata, open_channel, upload_requests
 from ingestd.v1 import resources_pb2, search_service_pb2, search_service_pb2_grpc
 from ingestd.v1 import upload_service_pb2 as upload_pb
@@ -63,26 +63,150 @@ def rpc_error_text(exc: grpc.RpcError) -> str:
     help="gateway host:port [default: INGESTD_HOST:INGESTD_GATEWAY_PORT]",
 )
 @click.option(
-    "--user", envvar="INGESTD_USER", default=None, help="user id the calls act for"
+    "--user",
+    envvar="INGESTD_USER",
+    default=None,
+    help="user id the calls act for; needs an admin key, or a gateway without authentication",
+)
+@click.option(
+    "--api-key",
+    envvar="INGESTD_API_KEY",
+    default=None,
+    help="API key for the gateway [default: the key file `ingestd up` writes in the data folder]",
+)
+@click.option(
+    "--tls/--no-tls",
+    default=None,
+    help="connect with TLS, trusting INGESTD_TLS_CA_FILE [default: on when TLS settings are set]",
 )
 @click.pass_context
-def cli(context: click.Context, gateway: str | None, user: str | None) -> None:
+def cli(
+    context: click.Context,
+    gateway: str | None,
+    user: str | None,
+    api_key: str | None,
+    tls: bool | None,
+) -> None:
     """ingestd: turn documents into embedded, searchable chunks."""
     settings = get_settings()
+    if tls is None:
+        tls = settings.tls_enabled or settings.tls_ca_file is not None
     context.obj = {
         "settings": settings,
         "gateway": gateway or f"{settings.host}:{settings.gateway_port}",
         "user": user,
+        "api_key": api_key,
+        "tls": tls,
     }
 
 
-@cli.command()
+def gateway_channel(obj: dict) -> grpc.Channel:
+    """Open a channel to the gateway with the CLI's key and TLS choice."""
+    settings: Settings = obj["settings"]
+    api_key = obj["api_key"] or keys.read_key_file(settings)
+    return open_channel(
+        obj["gateway"],
+        api_key=api_key,
+        tls=obj["tls"],
+        tls_ca_file=settings.tls_ca_file,
+    )
+
+
+def _local_key(obj: dict, url: str) -> None:
+    """Create the first API key if the database has none, and tell the user."""
+    settings: Settings = obj["settings"]
+    if settings.allow_unauthenticated:
+        return
+    key, created = keys.ensure_first_key(settings, url, keys.key_file(settings))
+    if created:
+        console.print(
+            f"created an admin API key for user {settings.default_user!r} and saved it "
+            f"in {keys.key_file(settings)}; this CLI reads it from there. Other clients "
+            "send it as the metadata 'authorization: Bearer KEY'."
+        )
+    if key and not obj["api_key"]:
+        obj["api_key"] = key
+
+
+@cli.group(name="keys")
+def keys_group() -> None:
+    """Create, list and revoke API keys (works on the database directly)."""
+
+
+@keys_group.command(name="create")
+@click.option("--user", "user_id", required=True, help="user id the key acts for")
+@click.option("--admin", is_flag=True, help="allow admin-only calls")
+@click.option("--label", default="", help="a note to recognize the key by")
 @click.pass_obj
-def migrate(obj: dict) -> None:
-    """Apply the database migrations (starts the embedded database if no URL is set)."""
+def keys_create(obj: dict, user_id: str, admin: bool, label: str) -> None:
+    """Create a key and print it once; only its hash is stored."""
     configure_logging("WARNING", "text")
     url = supervisor.prepare_database(obj["settings"])
+    try:
+        key_id, key = keys.create(url, user_id, is_admin=admin, label=label)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(f"key id {key_id} for user {user_id}{' (admin)' if admin else ''}")
+    console.print("the key is shown only now; store it safely:")
+    click.echo(key)
+
+
+@keys_group.command(name="list")
+@click.option("--all", "include_revoked", is_flag=True, help="include revoked keys")
+@click.pass_obj
+def keys_list(obj: dict, include_revoked: bool) -> None:
+    """List keys without their secrets."""
+    configure_logging("WARNING", "text")
+    url = supervisor.prepare_database(obj["settings"])
+    table = Table()
+    for name in ("key id", "user", "admin", "label", "created", "revoked"):
+        table.add_column(name, no_wrap=name != "label")
+    for record in keys.list_all(url, include_revoked):
+        table.add_row(
+            record.key_id,
+            record.user_id,
+            "yes" if record.is_admin else "",
+            record.label,
+            f"{record.created_at:%Y-%m-%d %H:%M}",
+            f"{record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "",
+        )
+    console.print(table)
+
+
+@keys_group.command(name="revoke")
+@click.argument("key_id")
+@click.pass_obj
+def keys_revoke(obj: dict, key_id: str) -> None:
+    """Revoke a key by its id; services stop accepting it within INGESTD_AUTH_CACHE_SECONDS."""
+    configure_logging("WARNING", "text")
+    url = supervisor.prepare_database(obj["settings"])
+    if not keys.revoke(url, key_id):
+        fail(f"no active key has id {key_id!r}; see `ingestd keys list --all`")
+    console.print(f"revoked key {key_id}")
+
+
+@cli.command()
+@click.option(
+    "--admin-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="if the database has no API key yet, create an admin key and save it here",
+)
+@click.pass_obj
+def migrate(obj: dict, admin_key_file: Path | None) -> None:
+    """Apply the database migrations (starts the embedded database if no URL is set)."""
+    configure_logging("WARNING", "text")
+    settings: Settings = obj["settings"]
+    url = supervisor.prepare_database(settings)
     console.print(f"database migrated: {_redact(url)}")
+    if admin_key_file is not None:
+        _, created = keys.ensure_first_key(settings, url, admin_key_file)
+        if created:
+            console.print(
+                f"created an admin API key for user {settings.default_user!r} in {admin_key_file}"
+            )
+        else:
+            console.print("API keys exist already; created none")
 
 
 def _redact(url: str) -> str:
@@ -107,6 +231,7 @@ def up(obj: dict, log_dir: Path | None) -> None:
     configure_logging("INFO", "text")
     settings: Settings = obj["settings"]
     url = supervisor.prepare_database(settings)
+    _local_key(obj, url)
     try:
         children = supervisor.start_services(settings, url, log_dir)
     except RuntimeError as exc:
@@ -201,7 +326,7 @@ def upload(
     obj: dict, paths: tuple[Path, ...], wait: bool, password: str | None
 ) -> None:
     """Upload files; with --wait, follow each to complete or failed."""
-    with open_channel(obj["gateway"]) as channel:
+    with gateway_channel(obj) as channel:
         results = upload_paths(
             channel, obj["user"], paths, wait=wait, password=password
         )
@@ -278,7 +403,7 @@ def upload_paths(
 @click.pass_obj
 def search(obj: dict, query: str, top_k: int) -> None:
     """Search your documents and print the best chunks."""
-    with open_channel(obj["gateway"]) as channel:
+    with gateway_channel(obj) as channel:
         print_search(channel, obj["user"], query, top_k)
 
 
@@ -325,8 +450,11 @@ def print_search(
     help="only jobs in this status (repeatable), for example failed_parse",
 )
 @click.option("--limit", default=50, show_default=True, help="maximum jobs to list")
+@click.option(
+    "--all-users", is_flag=True, help="list every user's jobs (needs an admin key)"
+)
 @click.pass_obj
-def jobs(obj: dict, statuses: tuple[str, ...], limit: int) -> None:
+def jobs(obj: dict, statuses: tuple[str, ...], limit: int, all_users: bool) -> None:
     """List your jobs with status and progress, newest first."""
     try:
         values = [
@@ -339,11 +467,13 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int) -> None:
             for name in resources_pb2.JobStatus.keys()[1:]
         )
         fail(f"unknown status in {', '.join(statuses)}; use one of: {valid}")
-    with open_channel(obj["gateway"]) as channel:
+    with gateway_channel(obj) as channel:
         stub = upload_grpc.UploadServiceStub(channel)
         try:
             response = stub.ListJobs(
-                upload_pb.ListJobsRequest(page_size=min(limit, 500), statuses=values),
+                upload_pb.ListJobsRequest(
+                    page_size=min(limit, 500), statuses=values, all_users=all_users
+                ),
                 metadata=call_metadata(obj["user"]),
                 timeout=30,
             )
@@ -352,13 +482,17 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int) -> None:
     table = Table()
     # Ids and statuses are copied into other commands, so they never wrap.
     table.add_column("job", no_wrap=True, min_width=36)
+    if all_users:
+        table.add_column("user", no_wrap=True)
     table.add_column("status", no_wrap=True)
     for name in ("chunks", "embedded", "attempts"):
         table.add_column(name, no_wrap=True, justify="right")
     table.add_column("error", overflow="fold")
     for job in response.jobs:
+        owner = [job.user_id] if all_users else []
         table.add_row(
             job.job_id,
+            *owner,
             status_name(job.status),
             str(job.progress.chunks_total),
             f"{job.progress.embeds_done}/{job.progress.embeds_total}",
@@ -399,19 +533,20 @@ def demo(obj: dict, query: str, paths: tuple[Path, ...]) -> None:
         f"starting the database and services (logs in {settings.data_dir / 'logs'})"
     )
     url = supervisor.prepare_database(settings)
+    _local_key(obj, url)
     try:
         children = supervisor.start_services(settings, url, settings.data_dir / "logs")
     except RuntimeError as exc:
         fail(str(exc))
     try:
         supervisor.wait_until_serving(settings, children)
-        gateway = f"{settings.host}:{settings.gateway_port}"
+        obj["gateway"] = f"{settings.host}:{settings.gateway_port}"
         noun = "document" if len(files) == 1 else "documents"
         console.print(f"ingesting {len(files)} {noun}")
-        with open_channel(gateway) as channel:
+        with gateway_channel(obj) as channel:
             upload_paths(channel, obj["user"], tuple(files), wait=True)
         console.print(f"\nsearch: [bold]{query}[/bold]")
-        with open_channel(gateway) as channel:
+        with gateway_channel(obj) as channel:
             print_search(channel, obj["user"], query, 5)
     except RuntimeError as exc:
         fail(str(exc))

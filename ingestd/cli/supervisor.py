@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.config import Settings
 from shared.db import resolve_database_url
+from shared.tls import channel_credentials
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,12 @@ def start_services(
     return children
 
 
+def _health_channel(settings: Settings, target: str) -> grpc.Channel:
+    if settings.tls_enabled:
+        return grpc.secure_channel(target, channel_credentials(settings.tls_ca_file))
+    return grpc.insecure_channel(target)
+
+
 def wait_until_serving(
     settings: Settings, children: list[Child], timeout_seconds: float = 180
 ) -> None:
@@ -97,7 +104,7 @@ def wait_until_serving(
     deadline = time.monotonic() + timeout_seconds
     for child in children:
         target = f"{settings.host}:{child.port}"
-        with grpc.insecure_channel(target) as channel:
+        with _health_channel(settings, target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if child.process.poll() is not None:

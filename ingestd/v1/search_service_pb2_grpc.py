@@ -54,7 +54,10 @@ class SearchServiceServicer:
         documents are searched.
 
         Errors: INVALID_ARGUMENT for an empty query, a top_k out of range or a
-        malformed document id; UNAVAILABLE when the embedder cannot be reached.
+        malformed document id; NOT_FOUND when a document in document_ids does
+        not exist or belongs to another user; UNAUTHENTICATED without a valid
+        API key; RESOURCE_EXHAUSTED when the key's rate limit is used up;
+        UNAVAILABLE when the embedder cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

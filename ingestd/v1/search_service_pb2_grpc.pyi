@@ -41,7 +41,10 @@ class SearchServiceStub:
     documents are searched.
 
     Errors: INVALID_ARGUMENT for an empty query, a top_k out of range or a
-    malformed document id; UNAVAILABLE when the embedder cannot be reached.
+    malformed document id; NOT_FOUND when a document in document_ids does
+    not exist or belongs to another user; UNAUTHENTICATED without a valid
+    API key; RESOURCE_EXHAUSTED when the key's rate limit is used up;
+    UNAVAILABLE when the embedder cannot be reached.
     """
 
 @_typing.type_check_only
@@ -57,7 +60,10 @@ class SearchServiceAsyncStub(SearchServiceStub):
     documents are searched.
 
     Errors: INVALID_ARGUMENT for an empty query, a top_k out of range or a
-    malformed document id; UNAVAILABLE when the embedder cannot be reached.
+    malformed document id; NOT_FOUND when a document in document_ids does
+    not exist or belongs to another user; UNAUTHENTICATED without a valid
+    API key; RESOURCE_EXHAUSTED when the key's rate limit is used up;
+    UNAVAILABLE when the embedder cannot be reached.
     """
 
 class SearchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -76,7 +82,10 @@ class SearchServiceServicer(metaclass=_abc_1.ABCMeta):
         documents are searched.
 
         Errors: INVALID_ARGUMENT for an empty query, a top_k out of range or a
-        malformed document id; UNAVAILABLE when the embedder cannot be reached.
+        malformed document id; NOT_FOUND when a document in document_ids does
+        not exist or belongs to another user; UNAUTHENTICATED without a valid
+        API key; RESOURCE_EXHAUSTED when the key's rate limit is used up;
+        UNAVAILABLE when the embedder cannot be reached.
         """
 
 def add_SearchServiceServicer_to_server(servicer: SearchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ingestd.v1 import resources_pb2 as ingestd_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fingestd/v1/upload_service.proto\x12\ningestd.v1\x1a\x1aingestd/v1/resources.proto\"^\n\x0eUploadMetadata\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x10\n\x08password\x18\x04 \x01(\t\"[\n\rUploadRequest\x12.\n\x08metadata\x18\x01 \x01(\x0b\x32\x1a.ingestd.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"i\n\x0eUploadResponse\x12&\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x14.ingestd.v1.Document\x12\x1c\n\x03job\x18\x02 \x01(\x0b\x32\x0f.ingestd.v1.Job\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.ingestd.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.ingestd.v1.Job\"v\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x08statuses\x18\x03 \x03(\x0e\x32\x15.ingestd.v1.JobStatus\x12\x13\n\x0b\x64ocument_id\x18\x04 \x01(\t\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.ingestd.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0fRetryJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x10RetryJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.ingestd.v1.Job\")\n\x12GetDocumentRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\"\\\n\x13GetDocumentResponse\x12&\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x14.ingestd.v1.Document\x12\x1d\n\x04jobs\x18\x02 \x03(\x0b\x32\x0f.ingestd.v1.Job\"=\n\x14ListDocumentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x15ListDocumentsResponse\x12\'\n\tdocuments\x18\x01 \x03(\x0b\x32\x14.ingestd.v1.Document\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15\x44\x65leteDocumentRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\"[\n\x16\x44\x65leteDocumentResponse\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63hunks_deleted\x18\x02 \x01(\x03\x12\x14\n\x0cjobs_deleted\x18\x03 \x01(\x03\x32\xe9\x04\n\rUploadService\x12\x41\n\x06Upload\x12\x19.ingestd.v1.UploadRequest\x1a\x1a.ingestd.v1.UploadResponse(\x01\x12?\n\x06GetJob\x12\x19.ingestd.v1.GetJobRequest\x1a\x1a.ingestd.v1.GetJobResponse\x12G\n\x08WatchJob\x12\x1b.ingestd.v1.WatchJobRequest\x1a\x1c.ingestd.v1.WatchJobResponse0\x01\x12\x45\n\x08ListJobs\x12\x1b.ingestd.v1.ListJobsRequest\x1a\x1c.ingestd.v1.ListJobsResponse\x12\x45\n\x08RetryJob\x12\x1b.ingestd.v1.RetryJobRequest\x1a\x1c.ingestd.v1.RetryJobResponse\x12N\n\x0bGetDocument\x12\x1e.ingestd.v1.GetDocumentRequest\x1a\x1f.ingestd.v1.GetDocumentResponse\x12T\n\rListDocuments\x12 .ingestd.v1.ListDocumentsRequest\x1a!.ingestd.v1.ListDocumentsResponse\x12W\n\x0e\x44\x65leteDocument\x12!.ingestd.v1.DeleteDocumentRequest\x1a\".ingestd.v1.DeleteDocumentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fingestd/v1/upload_service.proto\x12\ningestd.v1\x1a\x1aingestd/v1/resources.proto\"^\n\x0eUploadMetadata\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x10\n\x08password\x18\x04 \x01(\t\"[\n\rUploadRequest\x12.\n\x08metadata\x18\x01 \x01(\x0b\x32\x1a.ingestd.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"i\n\x0eUploadResponse\x12&\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x14.ingestd.v1.Document\x12\x1c\n\x03job\x18\x02 \x01(\x0b\x32\x0f.ingestd.v1.Job\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.ingestd.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.ingestd.v1.Job\"\x89\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x08statuses\x18\x03 \x03(\x0e\x32\x15.ingestd.v1.JobStatus\x12\x13\n\x0b\x64ocument_id\x18\x04 \x01(\t\x12\x11\n\tall_users\x18\x05 \x01(\x08\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.ingestd.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0fRetryJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x10RetryJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.ingestd.v1.Job\")\n\x12GetDocumentRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\"\\\n\x13GetDocumentResponse\x12&\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x14.ingestd.v1.Document\x12\x1d\n\x04jobs\x18\x02 \x03(\x0b\x32\x0f.ingestd.v1.Job\"=\n\x14ListDocumentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x15ListDocumentsResponse\x12\'\n\tdocuments\x18\x01 \x03(\x0b\x32\x14.ingestd.v1.Document\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15\x44\x65leteDocumentRequest\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\"[\n\x16\x44\x65leteDocumentResponse\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63hunks_deleted\x18\x02 \x01(\x03\x12\x14\n\x0cjobs_deleted\x18\x03 \x01(\x03\x32\xe9\x04\n\rUploadService\x12\x41\n\x06Upload\x12\x19.ingestd.v1.UploadRequest\x1a\x1a.ingestd.v1.UploadResponse(\x01\x12?\n\x06GetJob\x12\x19.ingestd.v1.GetJobRequest\x1a\x1a.ingestd.v1.GetJobResponse\x12G\n\x08WatchJob\x12\x1b.ingestd.v1.WatchJobRequest\x1a\x1c.ingestd.v1.WatchJobResponse0\x01\x12\x45\n\x08ListJobs\x12\x1b.ingestd.v1.ListJobsRequest\x1a\x1c.ingestd.v1.ListJobsResponse\x12\x45\n\x08RetryJob\x12\x1b.ingestd.v1.RetryJobRequest\x1a\x1c.ingestd.v1.RetryJobResponse\x12N\n\x0bGetDocument\x12\x1e.ingestd.v1.GetDocumentRequest\x1a\x1f.ingestd.v1.GetDocumentResponse\x12T\n\rListDocuments\x12 .ingestd.v1.ListDocumentsRequest\x1a!.ingestd.v1.ListDocumentsResponse\x12W\n\x0e\x44\x65leteDocument\x12!.ingestd.v1.DeleteDocumentRequest\x1a\".ingestd.v1.DeleteDocumentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,26 +46,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHJOBREQUEST']._serialized_end=485
   _globals['_WATCHJOBRESPONSE']._serialized_start=487
   _globals['_WATCHJOBRESPONSE']._serialized_end=535
-  _globals['_LISTJOBSREQUEST']._serialized_start=537
-  _globals['_LISTJOBSREQUEST']._serialized_end=655
-  _globals['_LISTJOBSRESPONSE']._serialized_start=657
-  _globals['_LISTJOBSRESPONSE']._serialized_end=731
-  _globals['_RETRYJOBREQUEST']._serialized_start=733
-  _globals['_RETRYJOBREQUEST']._serialized_end=766
-  _globals['_RETRYJOBRESPONSE']._serialized_start=768
-  _globals['_RETRYJOBRESPONSE']._serialized_end=816
-  _globals['_GETDOCUMENTREQUEST']._serialized_start=818
-  _globals['_GETDOCUMENTREQUEST']._serialized_end=859
-  _globals['_GETDOCUMENTRESPONSE']._serialized_start=861
-  _globals['_GETDOCUMENTRESPONSE']._serialized_end=953
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=955
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=1016
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=1018
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=1107
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1109
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1153
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1155
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1246
-  _globals['_UPLOADSERVICE']._serialized_start=1249
-  _globals['_UPLOADSERVICE']._serialized_end=1866
+  _globals['_LISTJOBSREQUEST']._serialized_start=538
+  _globals['_LISTJOBSREQUEST']._serialized_end=675
+  _globals['_LISTJOBSRESPONSE']._serialized_start=677
+  _globals['_LISTJOBSRESPONSE']._serialized_end=751
+  _globals['_RETRYJOBREQUEST']._serialized_start=753
+  _globals['_RETRYJOBREQUEST']._serialized_end=786
+  _globals['_RETRYJOBRESPONSE']._serialized_start=788
+  _globals['_RETRYJOBRESPONSE']._serialized_end=836
+  _globals['_GETDOCUMENTREQUEST']._serialized_start=838
+  _globals['_GETDOCUMENTREQUEST']._serialized_end=879
+  _globals['_GETDOCUMENTRESPONSE']._serialized_start=881
+  _globals['_GETDOCUMENTRESPONSE']._serialized_end=973
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=975
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=1036
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=1038
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=1127
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1129
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1173
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1175
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1266
+  _globals['_UPLOADSERVICE']._serialized_start=1269
+  _globals['_UPLOADSERVICE']._serialized_end=1886
 # @@protoc_insertion_point(module_scope)

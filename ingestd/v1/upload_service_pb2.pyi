@@ -228,6 +228,7 @@ class ListJobsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
     DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    ALL_USERS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum jobs to return, 1 to 500. 0 means 50."""
     page_token: _builtins.str
@@ -236,6 +237,10 @@ class ListJobsRequest(_message.Message):
     """
     document_id: _builtins.str
     """Only jobs of this document. Empty means every document."""
+    all_users: _builtins.bool
+    """List every user's jobs, not only the caller's. Needs an admin key;
+    other keys get PERMISSION_DENIED.
+    """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_resources_pb2.JobStatus.ValueType]:
         """Only jobs in these statuses. Empty means every status."""
@@ -247,10 +252,11 @@ class ListJobsRequest(_message.Message):
         page_token: _builtins.str = ...,
         statuses: _abc.Iterable[_resources_pb2.JobStatus.ValueType] | None = ...,
         document_id: _builtins.str = ...,
+        all_users: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_users", b"all_users", "document_id", b"document_id", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

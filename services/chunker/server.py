@@ -12,7 +12,7 @@ from ingestd.v1 import chunker_service_pb2_grpc as pb_grpc
 from services.chunker.chunking import MarkdownChunker
 from services.chunker.worker import ChunkWorker
 from shared.config import Settings
-from shared.grpc_server import Runtime, ServiceParts, abort, run_service
+from shared.grpc_server import Access, Runtime, ServiceParts, abort, run_service
 from shared.hashing import normalize_text
 from shared.proto_convert import worker_status_to_proto
 
@@ -112,6 +112,10 @@ async def build(runtime: Runtime) -> ServiceParts:
         ),
         service_names=[pb.DESCRIPTOR.services_by_name["ChunkerService"].full_name],
         worker=worker,
+        access={
+            "/ingestd.v1.ChunkerService/GetChunkerInfo": Access.PUBLIC,
+            "/ingestd.v1.ChunkerService/GetWorkerStatus": Access.ADMIN,
+        },
     )
 
 

@@ -19,7 +19,7 @@ from services.embedder.openai_api import OpenAICompatibleBackend
 from services.embedder.worker import EmbedWorker
 from shared.config import Settings
 from shared.errors import PermanentError, TransientError
-from shared.grpc_server import Runtime, ServiceParts, abort, run_service
+from shared.grpc_server import Access, Runtime, ServiceParts, abort, run_service
 from shared.proto_convert import worker_status_to_proto
 
 MAX_EMBED_TEXTS = 256
@@ -164,6 +164,10 @@ async def build(runtime: Runtime) -> ServiceParts:
         ),
         service_names=[pb.DESCRIPTOR.services_by_name["EmbedderService"].full_name],
         worker=worker,
+        access={
+            "/ingestd.v1.EmbedderService/GetModelInfo": Access.PUBLIC,
+            "/ingestd.v1.EmbedderService/GetWorkerStatus": Access.ADMIN,
+        },
         background=[
             lambda: run_archiver(
                 runtime.pool,

@@ -12,7 +12,7 @@ from ingestd.v1 import embedder_service_pb2, embedder_service_pb2_grpc
 from ingestd.v1 import search_service_pb2 as pb
 from ingestd.v1 import search_service_pb2_grpc as pb_grpc
 from shared import ids
-from shared.grpc_server import abort, current_user
+from shared.grpc_server import abort, current_principal, current_user
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,12 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                     reason="INVALID_ID",
                     field_name=f"document_ids[{index}]",
                 )
+        if document_ids:
+            await self._check_documents_exist(context, document_ids)
+        # The embedder checks the caller's own key, so its rate limit and
+        # revocations apply to the query embedding too.
+        token = current_principal().token
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
         try:
             embedded = await self.embedder.Embed(
                 embedder_service_pb2.EmbedRequest(texts=[query]),
@@ -106,12 +112,20 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                     EMBED_TIMEOUT_SECONDS,
                     context.time_remaining() or EMBED_TIMEOUT_SECONDS,
                 ),
+                metadata=metadata,
             )
         except grpc.aio.AioRpcError as exc:
             log.warning(
                 "query embedding failed",
                 extra={"event": "search_embed_failed", "code": exc.code().name},
             )
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                await abort(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the embedder rejected the query: {exc.details()}",
+                    reason="RATE_LIMITED",
+                )
             await abort(
                 context,
                 grpc.StatusCode.UNAVAILABLE,
@@ -156,3 +170,26 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             embed_model=embedded.embed_model,
             embed_version=embedded.embed_version,
         )
+
+    async def _check_documents_exist(
+        self, context: grpc.aio.ServicerContext, document_ids: list
+    ) -> None:
+        # Another user's document gets the same answer as one that does not
+        # exist, so ids cannot be probed.
+        async with self.pool.acquire() as connection:
+            found = await connection.fetch(
+                "SELECT document_id FROM documents WHERE user_id = $1 "
+                "AND document_id = ANY($2::uuid[])",
+                current_user(),
+                document_ids,
+            )
+        missing = set(document_ids) - {row["document_id"] for row in found}
+        if missing:
+            first = sorted(str(document_id) for document_id in missing)[0]
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"document {first} not found; list your documents with ListDocuments",
+                reason="DOCUMENT_NOT_FOUND",
+                field_name="document_ids",
+            )

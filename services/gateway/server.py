@@ -17,17 +17,21 @@ from services.gateway.parse_worker import ParseWorker
 from services.gateway.search import SearchServicer
 from services.gateway.upload import UploadServicer
 from shared.grpc_server import Runtime, ServiceParts, run_service
+from shared.tls import channel_credentials
 
 
 def _channel(target: str, runtime: Runtime) -> grpc.aio.Channel:
     size = runtime.settings.grpc_max_message_bytes
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", size),
-            ("grpc.max_send_message_length", size),
-        ],
-    )
+    options = [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+    ]
+    if runtime.settings.tls_enabled:
+        # With TLS on, the other services serve it too, and the gateway
+        # checks their certificates against tls_ca_file.
+        credentials = channel_credentials(runtime.settings.tls_ca_file)
+        return grpc.aio.secure_channel(target, credentials, options=options)
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 async def build(runtime: Runtime) -> ServiceParts:

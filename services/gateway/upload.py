@@ -20,7 +20,7 @@ from services.gateway.identity import IdentityCache, IdentityUnavailableError
 from services.gateway.parsing import ParseError, sniff_content_type
 from shared import ids, jobs
 from shared.config import Settings
-from shared.grpc_server import abort, current_user
+from shared.grpc_server import abort, current_principal, current_user
 from shared.jobs import RETRY_TARGETS, TERMINAL_STATUSES, Status
 from shared.notify import JobListener
 from shared.proto_convert import document_to_proto, job_to_proto, status_from_proto
@@ -496,11 +496,20 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             document_id = await self._parse_id(
                 context, request.document_id, "document_id"
             )
+        if request.all_users and not current_principal().is_admin:
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "all_users lists every user's jobs and needs an admin key; "
+                "leave it unset to list your own",
+                reason="ADMIN_KEY_REQUIRED",
+                field_name="all_users",
+            )
         async with self.pool.acquire() as connection:
             rows = await connection.fetch(
                 """
                 SELECT * FROM upload_jobs
-                WHERE user_id = $1
+                WHERE ($7 OR user_id = $1)
                   AND (cardinality($2::text[]) = 0 OR status = ANY($2::text[]))
                   AND ($3::uuid IS NULL OR document_id = $3)
                   AND ($4::timestamptz IS NULL OR (created_at, job_id) < ($4, $5::uuid))
@@ -513,6 +522,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                 after[0] if after else None,
                 after[1] if after else None,
                 size + 1,
+                request.all_users,
             )
         token = ""
         if len(rows) > size:

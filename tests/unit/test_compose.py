@@ -157,7 +157,16 @@ def test_postgres_stores_data_in_named_volume(compose: dict[str, Any]) -> None:
 
 
 def test_migrate_runs_ingestd_migrate(compose: dict[str, Any]) -> None:
-    assert command(service(compose, "migrate")) == ["ingestd", "migrate"]
+    assert command(service(compose, "migrate"))[:2] == ["ingestd", "migrate"]
+
+
+def test_migrate_saves_first_key_in_volume(compose: dict[str, Any]) -> None:
+    migrate = service(compose, "migrate")
+    arguments = command(migrate)
+    key_file = arguments[arguments.index("--admin-key-file") + 1]
+    mounts = volume_mounts(migrate)
+    folder = str(Path(key_file).parent)
+    assert mounts.get(folder) in compose["volumes"]
 
 
 def test_migrate_is_one_shot(compose: dict[str, Any]) -> None:

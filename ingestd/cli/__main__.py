@@ -1,0 +1,5 @@
+"""Run the CLI with ``python -m ingestd.cli``."""
+
+from ingestd.cli.main import main
+
+main()
