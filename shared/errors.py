@@ -54,12 +54,25 @@ class Classification:
     retry_after_seconds: float | None = None
 
 
+# What a database call can raise when the connection or server fails: the
+# caller logs it and tries again later. asyncpg raises InternalClientError
+# ("cannot switch to state ...") when a connection is terminated in the
+# middle of an operation (asyncpg issues 784 and 1069), and it derives from
+# neither of the other two asyncpg classes.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
 _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncio.TimeoutError,
     ConnectionError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     asyncpg.TooManyConnectionsError,
     asyncpg.CannotConnectNowError,
     asyncpg.DeadlockDetectedError,

@@ -35,6 +35,7 @@ from limits.strategies import MovingWindowRateLimiter
 from shared.auth import KeyVerifier, Principal, count_active_keys, split_key
 from shared.config import Settings, get_settings
 from shared.db import create_pool, resolve_database_url
+from shared.errors import DATABASE_ERRORS
 from shared.ids import check_user_id
 from shared.logging import configure_logging, request_id_var
 from shared.notify import JobListener
@@ -192,7 +193,7 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
             return Principal(user, is_admin=True)
         try:
             principal = await self._verifier.verify(token)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning(
                 "cannot check an API key: %s",
                 exc,
@@ -308,7 +309,13 @@ def _wrap_handler(
         code = grpc.StatusCode.INTERNAL
         message = f"internal error; quote request id {request_id} when reporting it"
         if isinstance(
-            exc, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+            exc,
+            (
+                OSError,
+                asyncpg.PostgresConnectionError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+            ),
         ):
             code = grpc.StatusCode.UNAVAILABLE
             message = f"a backing service is unavailable; retry later (request id {request_id})"
@@ -427,6 +434,7 @@ class RunningService:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._skip_grace = asyncio.Event()
+        self._health_task: asyncio.Future[None] | None = None
 
     def start_background(self) -> None:
         if self.parts.worker is not None and self.runtime.settings.worker_enabled:
@@ -436,6 +444,33 @@ class RunningService:
         for factory in self.parts.background:
             self._tasks.append(
                 asyncio.create_task(factory(), name=f"{self.name}-background")
+            )
+        for task in self._tasks:
+            task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._stopped.is_set():
+            return
+        error = task.exception()
+        # The worker and archiver loop until shutdown. One that ends early
+        # leaves the process unable to do its work, so health turns
+        # NOT_SERVING and an orchestrator can replace the process.
+        log.error(
+            "background task %s ended unexpectedly",
+            task.get_name(),
+            exc_info=error,
+            extra={
+                "event": "background_task_died",
+                "service": self.name,
+                "reason": f"{type(error).__name__}: {error}" if error else "returned",
+            },
+        )
+        self._health_task = asyncio.ensure_future(self._set_not_serving())
+
+    async def _set_not_serving(self) -> None:
+        for service_name in ["", *self.parts.service_names]:
+            await self.health.set(
+                service_name, health_pb2.HealthCheckResponse.NOT_SERVING
             )
 
     def skip_grace(self) -> None:

@@ -461,6 +461,27 @@ async def renew_lease(
     )
 
 
+async def _lock_leased_status(
+    connection: asyncpg.Connection, lease: Lease
+) -> Status | None:
+    """Lock the job row while the lease holds; return its status, or None if lost.
+
+    advance and update_progress set lease.status before the caller's
+    transaction commits. When that commit fails, the row keeps the old
+    status, so fail, schedule_retry and release start from what the row
+    holds, not from lease.status.
+    """
+    status = await connection.fetchval(
+        "SELECT status FROM upload_jobs WHERE job_id = $1 AND lease_token = $2 FOR UPDATE",
+        lease.job_id,
+        lease.token,
+    )
+    if status is None:
+        return None
+    lease.status = Status(status)
+    return lease.status
+
+
 def error_payload(
     code: str, message: str, stage: str, retry_count: int
 ) -> dict[str, Any]:
@@ -485,6 +506,8 @@ async def fail(
     """Move a leased job to its stage's failed status. False if the lease was lost."""
     error = error_payload(code, message, spec.name, retry_count)
     async with connection.transaction():
+        if await _lock_leased_status(connection, lease) is None:
+            return False
         row = await connection.fetchrow(
             """
             UPDATE upload_jobs
@@ -534,9 +557,12 @@ async def schedule_retry(
     The job returns to the claimable status of its in-flight status, with
     retry_count incremented. False if the lease was lost.
     """
-    to_status = spec.releases.get(lease.status, lease.status)
     error = error_payload(code, message, spec.name, retry_count)
     async with connection.transaction():
+        current = await _lock_leased_status(connection, lease)
+        if current is None:
+            return False
+        to_status = spec.releases.get(current, current)
         row = await connection.fetchrow(
             """
             UPDATE upload_jobs
@@ -579,8 +605,11 @@ async def release(
     Used by a draining worker whose job did not finish within the grace
     period. False if the lease was already lost.
     """
-    to_status = spec.releases.get(lease.status, lease.status)
     async with connection.transaction():
+        current = await _lock_leased_status(connection, lease)
+        if current is None:
+            return False
+        to_status = spec.releases.get(current, current)
         row = await connection.fetchrow(
             """
             UPDATE upload_jobs

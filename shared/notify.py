@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from shared.db import connect
+from shared.errors import DATABASE_ERRORS
 from shared.jobs import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class JobListener:
                 )
             except asyncio.CancelledError:
                 raise
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning(
                     "cannot listen for job notifications; retrying in %.1f s",
                     delay,

@@ -25,7 +25,7 @@ import asyncpg
 from shared import jobs
 from shared.config import Settings
 from shared.db import create_pool
-from shared.errors import backoff_seconds, classify_error
+from shared.errors import DATABASE_ERRORS, backoff_seconds, classify_error
 from shared.jobs import ClaimedJob, Lease, LeaseLostError, StageSpec
 from shared.notify import JobListener
 
@@ -142,15 +142,9 @@ class BaseWorker(ABC):
 
     async def run(self) -> None:
         """Claim and run jobs until request_stop is called."""
-        self._heartbeat_pool = await create_pool(
-            self._database_url,
-            self.settings.model_copy(
-                update={
-                    "db_pool_min_size": 1,
-                    "db_pool_max_size": self.settings.max_concurrent_jobs + 1,
-                }
-            ),
-        )
+        self._heartbeat_pool = await self._open_heartbeat_pool()
+        if self._heartbeat_pool is None:
+            return
         unsubscribe = self._listener.subscribe(self._on_notification)
         log.info(
             "worker started",
@@ -165,6 +159,34 @@ class BaseWorker(ABC):
             await self._claim_loop()
         finally:
             unsubscribe()
+
+    async def _open_heartbeat_pool(self) -> asyncpg.Pool | None:
+        """Create the heartbeat pool, retrying until the database answers.
+
+        Returns None when the worker is stopped before that.
+        """
+        settings = self.settings.model_copy(
+            update={
+                "db_pool_min_size": 1,
+                "db_pool_max_size": self.settings.max_concurrent_jobs + 1,
+            }
+        )
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                return await create_pool(self._database_url, settings)
+            except DATABASE_ERRORS as exc:
+                delay = backoff_seconds(
+                    failures, base=0.5, maximum=self.settings.poll_interval_seconds
+                )
+                failures += 1
+                log.warning(
+                    "cannot open the heartbeat pool; retrying in %.1f s",
+                    delay,
+                    extra=self._fields(None, "heartbeat_pool_failed", reason=str(exc)),
+                )
+                await self._sleep_or_stop(delay)
+        return None
 
     async def drain(self, grace_seconds: float) -> None:
         """Let running jobs finish within grace_seconds, then release the rest.
@@ -217,7 +239,9 @@ class BaseWorker(ABC):
                 try:
                     claimed = await self._claim(limit)
                     failures = 0
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except Exception as exc:
+                    # Whatever the claim raised, the loop must go on: a worker
+                    # whose loop ended would look healthy and claim nothing.
                     failures += 1
                     delay = backoff_seconds(
                         failures - 1,
@@ -227,7 +251,12 @@ class BaseWorker(ABC):
                     log.warning(
                         "claim failed; retrying in %.1f s",
                         delay,
-                        extra=self._fields(None, "claim_failed", reason=str(exc)),
+                        exc_info=not isinstance(exc, DATABASE_ERRORS),
+                        extra=self._fields(
+                            None,
+                            "claim_failed",
+                            reason=f"{type(exc).__name__}: {exc}",
+                        ),
                     )
                     await self._sleep_or_stop(delay)
                     continue
@@ -344,7 +373,7 @@ class BaseWorker(ABC):
                     expires = await jobs.renew_lease(
                         connection, lease, self.settings.lease_seconds
                     )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:
                 # The lease may still be valid; try again at the next beat.
                 # Should it expire meanwhile, the guarded writes catch it.
                 log.warning(
@@ -370,7 +399,7 @@ class BaseWorker(ABC):
         try:
             async with self.pool.acquire() as connection:
                 released = await jobs.release(connection, lease, self.spec)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning(
                 "could not release the job; it becomes claimable when its lease expires",
                 extra=self._fields(job, "release_failed", reason=str(exc)),
@@ -444,7 +473,7 @@ class BaseWorker(ABC):
                     retry_count=job.retry_count,
                     delay_seconds=delay,
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning(
                 "could not schedule the retry; the job becomes claimable when its lease expires",
                 extra=self._fields(job, "retry_write_failed", reason=str(exc)),
@@ -480,7 +509,7 @@ class BaseWorker(ABC):
                     message=message,
                     retry_count=job.retry_count,
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning(
                 "could not record the failure; the job becomes claimable when its lease expires",
                 extra=self._fields(job, "fail_write_failed", reason=str(exc)),

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from shared.errors import DATABASE_ERRORS
 from shared.storage import BlobStore, archive_key
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ async def run_archiver(
                 pool, storage, retention_seconds=retention_seconds
             ):
                 pass
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning(
                 "buffer archiving failed; trying again next round",
                 extra={"event": "archive_failed", "error": str(exc)},
