@@ -8,10 +8,19 @@ enough for an object store such as S3 to implement it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import uuid
 from pathlib import Path
 from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+# errno values of a write that found no room: a full file system, a used-up
+# quota, or a file size limit (the file system's or RLIMIT_FSIZE).
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 _SAFE_SEGMENT = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
@@ -37,6 +46,18 @@ def parsed_key(user_id: str, document_id: uuid.UUID) -> str:
 def archive_key(user_id: str, document_id: uuid.UUID, job_id: uuid.UUID) -> str:
     """Key of the archived buffer rows of one job."""
     return f"archive/{_user_segment(user_id)}/{document_id}/{job_id}.jsonl.gz"
+
+
+def is_out_of_space(exc: OSError) -> bool:
+    """Return whether a failed write means the store has no room for the bytes."""
+    return exc.errno in _NO_SPACE_ERRNOS
+
+
+def describe_write_error(exc: OSError) -> str:
+    """Describe a failed write as a full or an unwritable store, with the OS error."""
+    if is_out_of_space(exc):
+        return f"the blob storage is full ({exc})"
+    return f"the blob storage is not writable ({exc})"
 
 
 def _user_segment(user_id: str) -> str:
@@ -88,10 +109,23 @@ class LocalBlobWriter:
         os.replace(self._tmp_path, final)
 
     def abort(self) -> None:
-        """Discard the partial upload."""
+        """Discard the partial upload. Never raises, so the caller's original error propagates."""
         if not self._file.closed:
-            self._file.close()
-        self._tmp_path.unlink(missing_ok=True)
+            # Closing flushes the buffer, which fails again after a failed
+            # write, but the file descriptor is closed either way.
+            with contextlib.suppress(OSError):
+                self._file.close()
+        try:
+            self._tmp_path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning(
+                "cannot delete the temporary file of a failed write; delete it by hand",
+                extra={
+                    "event": "blob_cleanup_failed",
+                    "path": str(self._tmp_path),
+                    "error": str(exc),
+                },
+            )
 
 
 class LocalBlobStore:

@@ -8,17 +8,26 @@ import json
 import logging
 import math
 import signal
+import stat
 import sys
+from pathlib import Path
 from typing import Any
 
 from shared import failpoints, jobs
 from shared.errors import PermanentError, TransientError
 from shared.hashing import parsed_sha256
 from shared.jobs import PARSE_STAGE, ClaimedJob, Lease, Status
-from shared.storage import LocalBlobStore, parsed_key
+from shared.storage import LocalBlobStore, describe_write_error, parsed_key
 from shared.worker import BaseWorker
 
 log = logging.getLogger(__name__)
+
+# The end of every storage_error message: the stage retries with backoff, and
+# a job whose retries ran out waits in failed_parse for an operator.
+_STORAGE_ADVICE = (
+    "the stage retries; if the job has failed, fix the storage folder "
+    "(INGESTD_STORAGE_DIR) and call RetryJob"
+)
 
 
 class ParseWorker(BaseWorker):
@@ -42,12 +51,7 @@ class ParseWorker(BaseWorker):
                 "SELECT content_type FROM documents WHERE document_id = $1",
                 job.document_id,
             )
-        raw_file = self.storage.path_for(job.raw_path)
-        if not raw_file.is_file():
-            raise PermanentError(
-                "raw_file_missing",
-                f"uploaded file {job.raw_path} is missing from storage; upload the document again",
-            )
+        raw_file = await self._find_raw_file(job)
         result = await self._run_child(
             {
                 "path": str(raw_file),
@@ -67,7 +71,9 @@ class ParseWorker(BaseWorker):
             await asyncio.to_thread(self.storage.put, key, markdown.encode("utf-8"))
         except OSError as exc:
             raise TransientError(
-                "storage_error", f"cannot store parsed text: {exc}"
+                "storage_error",
+                f"cannot store parsed text {key}: {describe_write_error(exc)}; "
+                f"{_STORAGE_ADVICE}",
             ) from exc
         try:
             async with self.pool.acquire() as connection, connection.transaction():
@@ -96,6 +102,28 @@ class ParseWorker(BaseWorker):
             await self._remove_orphan(job, key)
             raise
         job.parsed_path, job.parsed_sha256 = key, digest
+
+    async def _find_raw_file(self, job: ClaimedJob) -> Path:
+        """Return the path of the job's upload, telling a missing file from broken storage."""
+        raw_file = self.storage.path_for(job.raw_path)
+        try:
+            mode = (await asyncio.to_thread(raw_file.stat)).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as exc:
+            # A folder on the path turned into a file, an I/O error, a lost
+            # mount: the upload may come back once the storage is fixed.
+            raise TransientError(
+                "storage_error",
+                f"cannot read uploaded file {job.raw_path}: the blob storage is not "
+                f"readable ({exc}); {_STORAGE_ADVICE}",
+            ) from exc
+        if mode is None or not stat.S_ISREG(mode):
+            raise PermanentError(
+                "raw_file_missing",
+                f"uploaded file {job.raw_path} is missing from storage; upload the document again",
+            )
+        return raw_file
 
     async def _remove_orphan(self, job: ClaimedJob, key: str) -> None:
         # A document deleted while it was being parsed must not leave its
@@ -181,6 +209,12 @@ class ParseWorker(BaseWorker):
                 "parsed_text_missing",
                 f"parsed text {job.parsed_path} is missing from storage",
             ) from None
+        except OSError as exc:
+            raise TransientError(
+                "storage_error",
+                f"cannot read parsed text {job.parsed_path}: the blob storage is not "
+                f"readable ({exc}); {_STORAGE_ADVICE}",
+            ) from exc
         if parsed_sha256(data.decode("utf-8")) != job.parsed_sha256:
             raise PermanentError(
                 "parsed_text_mismatch",

@@ -7,8 +7,8 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
@@ -20,11 +20,19 @@ from services.gateway.identity import IdentityCache, IdentityUnavailableError
 from services.gateway.parsing import ParseError, sniff_content_type
 from shared import ids, jobs
 from shared.config import Settings
+from shared.errors import DATABASE_ERRORS
 from shared.grpc_server import abort, current_principal, current_user
 from shared.jobs import RETRY_TARGETS, TERMINAL_STATUSES, Status
 from shared.notify import JobListener
 from shared.proto_convert import document_to_proto, job_to_proto, status_from_proto
-from shared.storage import BlobWriter, LocalBlobStore, parsed_key, raw_key
+from shared.storage import (
+    BlobWriter,
+    LocalBlobStore,
+    describe_write_error,
+    is_out_of_space,
+    parsed_key,
+    raw_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,7 @@ SNIFF_BYTES = 8192
 # lost.
 WATCH_POLL_SECONDS = 2.0
 _CONTROL = dict.fromkeys(range(32), None) | {0x7F: None}
+_T = TypeVar("_T")
 
 
 @contextlib.asynccontextmanager
@@ -55,9 +64,7 @@ async def document_lock(
         finally:
             # asyncpg also releases advisory locks when the pool resets the
             # connection, so a failure here leaks no lock.
-            with contextlib.suppress(
-                asyncpg.PostgresError, asyncpg.InterfaceError, OSError
-            ):
+            with contextlib.suppress(*DATABASE_ERRORS):
                 await connection.execute(
                     "SELECT pg_advisory_unlock(hashtextextended($1, 0))", key
                 )
@@ -175,7 +182,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                         )
                     metadata = message.metadata
                     await self._check_declared_size(context, metadata)
-                    writer = await asyncio.to_thread(self.storage.open_writer)
+                    writer = await self._store(context, self.storage.open_writer)
                     continue
                 if metadata is None or writer is None:
                     await self._bad_stream(
@@ -198,7 +205,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                 digest.update(data)
                 if len(head) < SNIFF_BYTES:
                     head += data[: SNIFF_BYTES - len(head)]
-                await asyncio.to_thread(writer.write, data)
+                await self._store(context, writer.write, data, partial=writer)
             if metadata is None or writer is None:
                 await self._bad_stream(
                     context, "the stream was empty; send a metadata message first"
@@ -231,7 +238,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             # same document, which would otherwise remove the file just
             # committed here after its own rows were gone.
             async with document_lock(self.pool, document_id) as connection:
-                await asyncio.to_thread(writer.commit, key)
+                await self._store(context, writer.commit, key, partial=writer)
                 committed = True
                 return await self._record_upload(
                     connection,
@@ -248,6 +255,59 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         finally:
             if writer is not None and not committed:
                 await asyncio.to_thread(writer.abort)
+
+    async def _store(
+        self,
+        context: grpc.aio.ServicerContext,
+        function: Callable[..., _T],
+        *arguments: Any,
+        partial: BlobWriter | None = None,
+    ) -> _T:
+        """Run a blob store call in a thread, and end the RPC if the storage fails.
+
+        On failure the partial upload is discarded first, so its temporary
+        file is gone by the time the client gets the error.
+        """
+        try:
+            return await asyncio.to_thread(function, *arguments)
+        except OSError as exc:
+            if partial is not None:
+                await asyncio.to_thread(partial.abort)
+            await self._abort_storage_error(context, exc)
+            raise
+
+    async def _abort_storage_error(
+        self, context: grpc.aio.ServicerContext, exc: OSError
+    ) -> None:
+        full = is_out_of_space(exc)
+        log.error(
+            "cannot store an upload: %s",
+            describe_write_error(exc),
+            extra={
+                "event": "upload_storage_error",
+                "storage_dir": str(self.storage.root),
+                "out_of_space": full,
+            },
+        )
+        # The message leaves out the server's paths, which mean nothing to
+        # the client. The log above has them for the operator.
+        if full:
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server's blob storage is full ({exc.strerror or exc}), so nothing was "
+                "stored; upload again once an operator has freed space in the "
+                "storage folder (INGESTD_STORAGE_DIR)",
+                reason="STORAGE_FULL",
+            )
+        await abort(
+            context,
+            grpc.StatusCode.UNAVAILABLE,
+            f"the server's blob storage is not writable ({exc.strerror or exc}), so nothing "
+            "was stored; upload again once an operator has made the storage folder "
+            "(INGESTD_STORAGE_DIR) writable",
+            reason="STORAGE_UNAVAILABLE",
+        )
 
     async def _bad_stream(
         self, context: grpc.aio.ServicerContext, message: str
