@@ -108,3 +108,20 @@ def ensure_first_key(
     if created and key is not None:
         write_key_file(path, key)
     return key, created
+
+
+def key_is_active(database_url: str, key: str) -> bool:
+    """Return True when key matches an active key in the database."""
+    parts = auth.split_key(key)
+    if parts is None:
+        return False
+    key_id, secret = parts
+
+    async def check(connection) -> bool:
+        stored = await connection.fetchval(
+            "SELECT secret_sha256 FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL",
+            key_id,
+        )
+        return stored is not None and stored == auth.hash_secret(secret)
+
+    return asyncio.run(_run(database_url, check))

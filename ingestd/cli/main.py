@@ -43,8 +43,12 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+# Where the CLI took its API key from, for the hint after UNAUTHENTICATED.
+_key_source: str | None = None
+
+
 def rpc_error_text(exc: grpc.RpcError) -> str:
-    """Describe a failed call, with a hint when the gateway is unreachable."""
+    """Describe a failed call, with a hint for the usual causes."""
     code = exc.code()  # type: ignore[attr-defined]
     text = f"{code.name}: {exc.details()}"  # type: ignore[attr-defined]
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -52,6 +56,18 @@ def rpc_error_text(exc: grpc.RpcError) -> str:
             "\nIs the gateway running? Start it with `ingestd up`, or pass "
             "--gateway HOST:PORT (INGESTD_GATEWAY_ADDRESS)."
         )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        if _key_source is None:
+            text += (
+                "\nThe CLI found no API key: pass --api-key, set INGESTD_API_KEY, "
+                "or set INGESTD_DATA_DIR to the folder `ingestd up` used, which "
+                "holds the key file api-key."
+            )
+        else:
+            text += (
+                f"\nThe CLI sent the key from {_key_source}. Pass another with "
+                "--api-key or INGESTD_API_KEY, or create one with `ingestd keys create`."
+            )
     return text
 
 
@@ -59,18 +75,21 @@ def rpc_error_text(exc: grpc.RpcError) -> str:
 @click.option(
     "--gateway",
     envvar="INGESTD_GATEWAY_ADDRESS",
+    show_envvar=True,
     default=None,
     help="gateway host:port [default: INGESTD_HOST:INGESTD_GATEWAY_PORT]",
 )
 @click.option(
     "--user",
     envvar="INGESTD_USER",
+    show_envvar=True,
     default=None,
     help="user id the calls act for; needs an admin key, or a gateway without authentication",
 )
 @click.option(
     "--api-key",
     envvar="INGESTD_API_KEY",
+    show_envvar=True,
     default=None,
     help="API key for the gateway [default: the key file `ingestd up` writes in the data folder]",
 )
@@ -102,8 +121,14 @@ def cli(
 
 def gateway_channel(obj: dict) -> grpc.Channel:
     """Open a channel to the gateway with the CLI's key and TLS choice."""
+    global _key_source
     settings: Settings = obj["settings"]
-    api_key = obj["api_key"] or keys.read_key_file(settings)
+    api_key = obj["api_key"]
+    _key_source = "--api-key or INGESTD_API_KEY" if api_key else None
+    if not api_key:
+        api_key = keys.read_key_file(settings)
+        if api_key:
+            _key_source = str(keys.key_file(settings))
     return open_channel(
         obj["gateway"],
         api_key=api_key,
@@ -117,12 +142,26 @@ def _local_key(obj: dict, url: str) -> None:
     settings: Settings = obj["settings"]
     if settings.allow_unauthenticated:
         return
-    key, created = keys.ensure_first_key(settings, url, keys.key_file(settings))
+    path = keys.key_file(settings)
+    key, created = keys.ensure_first_key(settings, url, path)
     if created:
         console.print(
             f"created an admin API key for user {settings.default_user!r} and saved it "
-            f"in {keys.key_file(settings)}; this CLI reads it from there. Other clients "
+            f"in {path}; this CLI reads it from there. Other clients "
             "send it as the metadata 'authorization: Bearer KEY'."
+        )
+    elif obj["api_key"]:
+        return
+    elif key is None:
+        err_console.print(
+            f"[yellow]note:[/yellow] the database has API keys but {path} does not "
+            "exist, so pass --api-key or set INGESTD_API_KEY for the CLI"
+        )
+    elif not keys.key_is_active(url, key):
+        err_console.print(
+            f"[yellow]warning:[/yellow] the key in {path} is revoked or unknown; "
+            "create one with `ingestd keys create --user USER --admin` and save it "
+            "in that file, or pass --api-key"
         )
     if key and not obj["api_key"]:
         obj["api_key"] = key
@@ -158,18 +197,31 @@ def keys_list(obj: dict, include_revoked: bool) -> None:
     """List keys without their secrets."""
     configure_logging("WARNING", "text")
     url = supervisor.prepare_database(obj["settings"])
+    records = keys.list_all(url, include_revoked)
+    if not records:
+        console.print(
+            "no API keys in this database; create one with `ingestd keys create --user USER`"
+        )
+        return
     table = Table()
-    for name in ("key id", "user", "admin", "label", "created", "revoked"):
+    names = ["key id", "user", "admin", "label", "created"]
+    if include_revoked:
+        names.append("revoked")
+    for name in names:
         table.add_column(name, no_wrap=name != "label")
-    for record in keys.list_all(url, include_revoked):
-        table.add_row(
+    for record in records:
+        row = [
             record.key_id,
             record.user_id,
             "yes" if record.is_admin else "",
             record.label,
             f"{record.created_at:%Y-%m-%d %H:%M}",
-            f"{record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "",
-        )
+        ]
+        if include_revoked:
+            row.append(
+                f"{record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else ""
+            )
+        table.add_row(*row)
     console.print(table)
 
 
@@ -180,9 +232,19 @@ def keys_revoke(obj: dict, key_id: str) -> None:
     """Revoke a key by its id; services stop accepting it within INGESTD_AUTH_CACHE_SECONDS."""
     configure_logging("WARNING", "text")
     url = supervisor.prepare_database(obj["settings"])
+    active = keys.list_all(url, include_revoked=False)
     if not keys.revoke(url, key_id):
-        fail(f"no active key has id {key_id!r}; see `ingestd keys list --all`")
+        fail(
+            f"no active key has id {key_id!r}; it does not exist or is revoked "
+            "already, see `ingestd keys list --all`"
+        )
     console.print(f"revoked key {key_id}")
+    admins_left = [k for k in active if k.is_admin and k.key_id != key_id]
+    if not admins_left and any(k.is_admin for k in active):
+        err_console.print(
+            "[yellow]warning:[/yellow] no active admin key is left; create one with "
+            "`ingestd keys create --user USER --admin`"
+        )
 
 
 @cli.command()
@@ -207,6 +269,11 @@ def migrate(obj: dict, admin_key_file: Path | None) -> None:
             )
         else:
             console.print("API keys exist already; created none")
+    elif not settings.allow_unauthenticated and not keys.list_all(url, False):
+        console.print(
+            "the database has no API key yet, and the services need one to start; "
+            "create one with `ingestd keys create --user USER --admin`"
+        )
 
 
 def _redact(url: str) -> str:
@@ -400,28 +467,44 @@ def upload_paths(
 @cli.command()
 @click.argument("query")
 @click.option("--top-k", default=5, show_default=True, help="number of results")
+@click.option(
+    "--min-score",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(-1, 1),
+    help="drop results whose cosine similarity is below this value",
+)
 @click.pass_obj
-def search(obj: dict, query: str, top_k: int) -> None:
+def search(obj: dict, query: str, top_k: int, min_score: float) -> None:
     """Search your documents and print the best chunks."""
     with gateway_channel(obj) as channel:
-        print_search(channel, obj["user"], query, top_k)
+        print_search(channel, obj["user"], query, top_k, min_score)
 
 
 def print_search(
-    channel: grpc.Channel, user: str | None, query: str, top_k: int
+    channel: grpc.Channel,
+    user: str | None,
+    query: str,
+    top_k: int,
+    min_score: float = 0.0,
 ) -> None:
     """Run a search and print the ranked results."""
     stub = search_service_pb2_grpc.SearchServiceStub(channel)
     try:
         response = stub.Search(
-            search_service_pb2.SearchRequest(query=query, top_k=top_k),
+            search_service_pb2.SearchRequest(
+                query=query, top_k=top_k, min_score=min_score
+            ),
             metadata=call_metadata(user),
             timeout=60,
         )
     except grpc.RpcError as exc:
         fail(f"search failed: {rpc_error_text(exc)}")
     if not response.results:
-        console.print("no results: this user has no complete documents that match")
+        console.print(
+            f"no results with a score of at least {min_score}: this user has no "
+            "complete document that matches (try --min-score -1 to see weak matches)"
+        )
         return
     for rank, result in enumerate(response.results, start=1):
         where = " > ".join(result.heading_path)
@@ -466,7 +549,13 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int, all_users: bool) -> N
             name.removeprefix("JOB_STATUS_").lower()
             for name in resources_pb2.JobStatus.keys()[1:]
         )
-        fail(f"unknown status in {', '.join(statuses)}; use one of: {valid}")
+        unknown = [
+            status
+            for status in statuses
+            if f"JOB_STATUS_{status.upper()}"
+            not in resources_pb2.JobStatus.DESCRIPTOR.values_by_name
+        ]
+        fail(f"unknown status {', '.join(map(repr, unknown))}; use one of: {valid}")
     with gateway_channel(obj) as channel:
         stub = upload_grpc.UploadServiceStub(channel)
         try:
@@ -478,30 +567,40 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int, all_users: bool) -> N
                 timeout=30,
             )
         except grpc.RpcError as exc:
+            if all_users and exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                fail(
+                    "--all-users needs an admin key; leave it out to list your own jobs"
+                )
             fail(f"listing jobs failed: {rpc_error_text(exc)}")
+    if not response.jobs:
+        console.print("no jobs")
+        return
     table = Table()
     # Ids and statuses are copied into other commands, so they never wrap.
     table.add_column("job", no_wrap=True, min_width=36)
     if all_users:
         table.add_column("user", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    for name in ("chunks", "embedded", "attempts"):
-        table.add_column(name, no_wrap=True, justify="right")
-    table.add_column("error", overflow="fold")
+    table.add_column("status", no_wrap=True, min_width=21)
+    table.add_column("embedded", no_wrap=True, justify="right")
     for job in response.jobs:
         owner = [job.user_id] if all_users else []
         table.add_row(
             job.job_id,
             *owner,
             status_name(job.status),
-            str(job.progress.chunks_total),
             f"{job.progress.embeds_done}/{job.progress.embeds_total}",
-            str(job.attempts),
-            f"{job.last_error.code}: {job.last_error.message}"[:60]
-            if job.last_error.code
-            else "",
         )
     console.print(table)
+    # Errors go below the table in full, because a column would cut them
+    # short in a narrow terminal.
+    for job in response.jobs:
+        if job.last_error.code:
+            console.print(
+                f"{job.job_id} {status_name(job.status)}: {job.last_error.code}: "
+                f"{job.last_error.message}",
+                highlight=False,
+                markup=False,
+            )
 
 
 @cli.command()
@@ -555,19 +654,30 @@ def demo(obj: dict, query: str, paths: tuple[Path, ...]) -> None:
 
 
 def _expand(paths: tuple[Path, ...]) -> list[Path]:
+    """List the files to ingest: given files, and documents inside given folders.
+
+    Files in a folder whose suffix is not a document type are skipped and
+    named on stderr.
+    """
     suffixes = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf"}
     files: list[Path] = []
+    skipped: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(
-                sorted(
-                    p
-                    for p in path.rglob("*")
-                    if p.is_file() and p.suffix.lower() in suffixes
-                )
-            )
+            for found in sorted(p for p in path.rglob("*") if p.is_file()):
+                if found.suffix.lower() in suffixes:
+                    files.append(found)
+                else:
+                    skipped.append(found)
         elif path.is_file():
             files.append(path)
+    if skipped:
+        names = ", ".join(str(path) for path in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        err_console.print(
+            f"skipping {len(skipped)} file(s) that are not .md, .markdown, .txt, "
+            f".html, .htm or .pdf: {names}{more}"
+        )
     return files
 
 
