@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import unicodedata
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,7 +34,12 @@ SNIFF_BYTES = 8192
 # WatchJob re-reads the job at least this often, in case a notification was
 # lost.
 WATCH_POLL_SECONDS = 2.0
-_CONTROL = dict.fromkeys(range(32), None) | {0x7F: None}
+MAX_FILENAME_CHARS = 255
+# Unicode categories removed from display names: controls (Cc), format
+# characters such as bidirectional overrides and zero-width spaces (Cf),
+# line and paragraph separators (Zl, Zp), surrogates (Cs) and unassigned
+# or private-use code points (Cn, Co).
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Cn", "Co"})
 
 
 @contextlib.asynccontextmanager
@@ -95,9 +102,48 @@ async def _with_idle_timeout(
 
 
 def display_filename(name: str) -> str:
-    """Clean a client-supplied file name for display: no path, no controls."""
-    name = name.replace("\\", "/").rsplit("/", 1)[-1].translate(_CONTROL).strip()
-    return name[:255]
+    """Clean a client-supplied file name for display only.
+
+    Keeps the last path segment, applies NFC, removes control, format and
+    separator characters, and shortens the name to MAX_FILENAME_CHARS
+    characters, keeping the extension when it is short. The result is never
+    used in a storage path and may be empty.
+    """
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = unicodedata.normalize("NFC", name)
+    name = "".join(
+        character
+        for character in name
+        if unicodedata.category(character) not in _HIDDEN_CATEGORIES
+    ).strip()
+    if name in (".", ".."):
+        return ""
+    if len(name) <= MAX_FILENAME_CHARS:
+        return name
+    stem, dot, extension = name.rpartition(".")
+    if dot and stem and len(extension) <= 16:
+        return stem[: MAX_FILENAME_CHARS - len(extension) - 1] + "." + extension
+    return name[:MAX_FILENAME_CHARS]
+
+
+def declared_type_differs(declared: str, detected: str) -> bool:
+    """Tell whether a declared content type names another media type than detected.
+
+    Parameters such as "; charset=utf-8" and letter case are ignored, and
+    so is an empty declaration. Markdown declared as text/x-markdown counts
+    as text/markdown.
+    """
+    media_type = declared.split(";", 1)[0].strip().lower()
+    if not media_type:
+        return False
+    return _MEDIA_TYPE_ALIASES.get(media_type, media_type) != detected
+
+
+_MEDIA_TYPE_ALIASES = {
+    "text/x-markdown": "text/markdown",
+    "application/xhtml+xml": "text/html",
+    "application/x-pdf": "application/pdf",
+}
 
 
 class UploadServicer(pb_grpc.UploadServiceServicer):
@@ -118,6 +164,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         self.identity = identity
         self.listener = listener
         self._active_uploads = 0
+        self._active_uploads_by_user: Counter[str] = Counter()
         self._active_watches = 0
 
     # Upload ---------------------------------------------------------------
@@ -135,11 +182,26 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                 "(INGESTD_MAX_CONCURRENT_UPLOADS); retry in a few seconds",
                 reason="TOO_MANY_UPLOADS",
             )
+        user = current_user()
+        user_uploads = self._active_uploads_by_user[user]
+        if user_uploads >= self.settings.max_concurrent_uploads_per_user:
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"user {user} has {user_uploads} uploads in progress, the maximum "
+                f"of {self.settings.max_concurrent_uploads_per_user} per user "
+                "(INGESTD_MAX_CONCURRENT_UPLOADS_PER_USER); wait for one to finish",
+                reason="TOO_MANY_UPLOADS_FOR_USER",
+            )
         self._active_uploads += 1
+        self._active_uploads_by_user[user] += 1
         try:
             return await self._receive_upload(request_iterator, context)
         finally:
             self._active_uploads -= 1
+            self._active_uploads_by_user[user] -= 1
+            if self._active_uploads_by_user[user] <= 0:
+                del self._active_uploads_by_user[user]
 
     async def _receive_upload(
         self,
@@ -300,6 +362,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             identity.embed_model,
             identity.embed_version,
         )
+        declared_type = metadata.content_type[:255]
+        declared_differs = declared_type_differs(declared_type, content_type)
         async with connection.transaction():
             inserted_document = await connection.fetchval(
                 """
@@ -313,7 +377,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                 user,
                 display_filename(metadata.filename),
                 content_type,
-                metadata.content_type[:255],
+                declared_type,
                 size,
                 raw_sha,
                 key,
@@ -350,6 +414,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                         "action": "upload",
                         "bytes": size,
                         "content_type": content_type,
+                        "declared_content_type": declared_type,
+                        "declared_type_differs": declared_differs,
                     },
                 )
                 await jobs.notify(connection, job_id, Status.UPLOADED)
@@ -368,6 +434,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                 "job_id": str(job_id),
                 "bytes": size,
                 "content_type": content_type,
+                "declared_content_type": declared_type,
+                "declared_type_differs": declared_differs,
                 "duplicate": duplicate,
             },
         )

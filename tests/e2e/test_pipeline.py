@@ -408,8 +408,14 @@ async def test_stalled_uploads_limited_and_ended(pipeline: Pipeline) -> None:
         )
         await release.wait()
 
+    # One user per stream, so the per-user limit does not stop them first.
     limit = pipeline.settings.max_concurrent_uploads
-    calls = [asyncio.ensure_future(stub.Upload(stalled())) for _ in range(limit)]
+    calls = [
+        asyncio.ensure_future(
+            stub.Upload(stalled(), metadata=[("x-ingestd-user", f"staller{n}")])
+        )
+        for n in range(limit)
+    ]
     await asyncio.sleep(0.5)
     with pytest.raises(grpc.aio.AioRpcError) as extra:
         await upload(pipeline, b"one upload too many\n", "extra.txt")
