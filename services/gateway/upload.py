@@ -70,10 +70,35 @@ async def document_lock(
                 )
 
 
+class UploadRejectedError(Exception):
+    """A reason to end an upload call, raised while its temporary file is open.
+
+    The handler removes the temporary file before it sends the status, so a
+    client that sees the error never finds the partial upload on disk.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str,
+        field_name: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.field_name = field_name
+
+
+def _bad_stream(message: str) -> UploadRejectedError:
+    return UploadRejectedError(
+        grpc.StatusCode.INVALID_ARGUMENT, message, "BAD_UPLOAD_STREAM"
+    )
+
+
 async def _with_idle_timeout(
-    requests: AsyncIterator[pb.UploadRequest],
-    idle_seconds: float,
-    context: grpc.aio.ServicerContext,
+    requests: AsyncIterator[pb.UploadRequest], idle_seconds: float
 ) -> AsyncIterator[pb.UploadRequest]:
     """Yield requests, ending the call when none arrives for idle_seconds.
 
@@ -91,13 +116,12 @@ async def _with_idle_timeout(
                 "upload stalled; ending it",
                 extra={"event": "upload_idle_timeout", "idle_seconds": idle_seconds},
             )
-            await abort(
-                context,
+            raise UploadRejectedError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the upload sent nothing for {idle_seconds:g} s "
                 "(INGESTD_UPLOAD_IDLE_TIMEOUT_SECONDS); send the file again without pausing",
-                reason="UPLOAD_IDLE",
-            )
+                "UPLOAD_IDLE",
+            ) from None
         yield message
 
 
@@ -226,53 +250,44 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         committed = False
         idle_seconds = self.settings.upload_idle_timeout_seconds
         try:
-            async for message in _with_idle_timeout(
-                request_iterator, idle_seconds, context
-            ):
+            async for message in _with_idle_timeout(request_iterator, idle_seconds):
                 kind = message.WhichOneof("payload")
                 if kind == "metadata":
                     if metadata is not None:
-                        await self._bad_stream(
-                            context, "metadata was sent twice; send it once, first"
+                        raise _bad_stream(
+                            "metadata was sent twice; send it once, first"
                         )
                     metadata = message.metadata
                     await self._check_declared_size(context, metadata)
                     writer = await asyncio.to_thread(self.storage.open_writer)
                     continue
                 if metadata is None or writer is None:
-                    await self._bad_stream(
-                        context,
-                        "the first message must carry metadata; send it before any chunk",
+                    raise _bad_stream(
+                        "the first message must carry metadata; send it before any chunk"
                     )
-                    return pb.UploadResponse()
                 if kind != "chunk":
                     continue
                 data = message.chunk
                 size += len(data)
                 if size > self.settings.max_upload_bytes:
-                    await abort(
-                        context,
+                    raise UploadRejectedError(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"upload exceeds the maximum of {self.settings.max_upload_bytes} bytes "
                         "(INGESTD_MAX_UPLOAD_BYTES); split the file or raise the limit",
-                        reason="UPLOAD_TOO_LARGE",
+                        "UPLOAD_TOO_LARGE",
                     )
                 digest.update(data)
                 if len(head) < SNIFF_BYTES:
                     head += data[: SNIFF_BYTES - len(head)]
                 await asyncio.to_thread(writer.write, data)
             if metadata is None or writer is None:
-                await self._bad_stream(
-                    context, "the stream was empty; send a metadata message first"
-                )
-                return pb.UploadResponse()
+                raise _bad_stream("the stream was empty; send a metadata message first")
             if metadata.size_bytes and metadata.size_bytes != size:
-                await abort(
-                    context,
+                raise UploadRejectedError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"metadata.size_bytes is {metadata.size_bytes} but {size} bytes arrived; "
                     "the upload was cut short, send it again",
-                    reason="SIZE_MISMATCH",
+                    "SIZE_MISMATCH",
                     field_name="metadata.size_bytes",
                 )
             try:
@@ -280,12 +295,9 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                     bytes(head), metadata.filename, metadata.content_type
                 )
             except ParseError as exc:
-                await abort(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    exc.message,
-                    reason="UNSUPPORTED_TYPE",
-                )
+                raise UploadRejectedError(
+                    grpc.StatusCode.INVALID_ARGUMENT, exc.message, "UNSUPPORTED_TYPE"
+                ) from exc
             raw_sha = digest.hexdigest()
             document_id = ids.document_id(user, raw_sha)
             key = raw_key(user, document_id)
@@ -307,19 +319,22 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                     key,
                     identity,
                 )
+        except UploadRejectedError as rejection:
+            # The temporary file goes before the status, so a client that
+            # sees the error never finds it.
+            if writer is not None:
+                await asyncio.to_thread(writer.abort)
+            await abort(
+                context,
+                rejection.code,
+                rejection.message,
+                reason=rejection.reason,
+                field_name=rejection.field_name,
+            )
+            raise
         finally:
             if writer is not None and not committed:
                 await asyncio.to_thread(writer.abort)
-
-    async def _bad_stream(
-        self, context: grpc.aio.ServicerContext, message: str
-    ) -> None:
-        await abort(
-            context,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            message,
-            reason="BAD_UPLOAD_STREAM",
-        )
 
     async def _check_declared_size(
         self, context: grpc.aio.ServicerContext, metadata: pb.UploadMetadata
