@@ -95,14 +95,18 @@ class Settings(BaseSettings):
         "whether it computes or waits",
     )
     parse_memory_limit_bytes: int = Field(default=2048 * MiB, ge=64 * MiB)
-    max_pages: int = Field(default=2000, ge=1, description="most pages a PDF may have")
+    max_pages: int = Field(
+        default=2000, ge=1, description="maximum number of pages of a PDF"
+    )
     max_parsed_chars: int = Field(
         default=5_000_000,
         ge=1,
-        description="most characters of text that one document may parse to",
+        description="maximum number of characters of one parsed document",
     )
     max_chunks_per_document: int = Field(
-        default=10_000, ge=1, description="most chunks that one document may yield"
+        default=10_000,
+        ge=1,
+        description="maximum number of chunks one document may yield",
     )
 
     # Chunking, in the embedding model's tokens with special tokens counted.

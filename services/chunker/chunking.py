@@ -24,13 +24,13 @@ from shared.hashing import chunk_sha
 
 CHUNKER_NAME = "markdown-splitter"
 
-# The splitter's time grows faster than linearly with the length of the
-# text it is given: a 750,000-character log with a 330,000-character line
-# took 155 s in one call and 8 s in windows of this size (semantic-text-
-# splitter 0.33.1, one core). Text is therefore split into windows of at
-# most this many characters first, cut at a blank line, a line break or a
-# space in the window's second half. Chunks never cross a window boundary,
-# so neighbouring windows have no overlap.
+# The splitter's time grows faster than linearly with the length of its
+# input. A 750,000-character log with a 330,000-character line took 155 s
+# in one call and 8 s in windows of this size (semantic-text-splitter
+# 0.33.1 on a shared two-core machine). So the text is first cut into
+# windows of at most this many characters, at a blank line, a line break
+# or a space in the window's second half. Chunks never cross a window
+# boundary, so neighbouring windows have no overlap.
 WINDOW_CHARS = 16384
 
 _ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$")

@@ -1,7 +1,7 @@
 """Property test of the Upload stream protocol against a running gateway.
 
 Hypothesis sends streams of metadata, file chunks and empty messages in any
-order and size, and the gateway's answer must match a model of the
+order and size, and the gateway's status must match a model of the
 protocol: metadata once and first, the size limit checked as bytes arrive,
 and a declared size that must match what arrived.
 """
@@ -75,7 +75,7 @@ def declared_size(kind: str, total: int) -> int:
 
 
 def expected_status(messages: list[Message], total: int) -> grpc.StatusCode:
-    """Return the status the gateway must answer, by the protocol's rules."""
+    """Return the status the gateway must send, by the protocol's rules."""
     metadata: Message | None = None
     received = 0
     for message in messages:

@@ -27,7 +27,7 @@ MAX_PLACEHOLDER_RATIO = 0.1
 # NOTE: the threshold comes from that sample of about 30 PDFs; raise it if
 # real documents of unusual scripts are rejected.
 MAX_MESS_RATIO = 1.0
-# The mess ratio of a few characters says little, and a long text is judged
+# The mess ratio of a few characters is unreliable, and a long text is judged
 # by a sample from its start.
 MESS_MIN_CHARS = 200
 MESS_SAMPLE_CHARS = 100_000
