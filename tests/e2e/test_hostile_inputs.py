@@ -415,6 +415,21 @@ async def test_parse_wall_limit_kills_child(pipeline: Pipeline) -> None:
     assert good.status == COMPLETE
 
 
+@pytest.mark.parametrize(
+    "settings", [{"parse_memory_limit_bytes": 64 * 1024 * 1024}], indirect=True
+)
+async def test_parse_memory_limit_fails_document(pipeline: Pipeline) -> None:
+    data = corpus_file("pdf/pj_freeculture.pdf").read_bytes()
+    big = await ingest(pipeline, data, "freeculture.pdf")
+    small = await ingest(pipeline, b"# Small\n\nParsed within the limit.\n", "s.md")
+
+    assert big.status == FAILED_PARSE
+    assert big.last_error.code == "limit_exceeded"
+    assert "INGESTD_PARSE_MEMORY_LIMIT_BYTES" in big.last_error.message
+    assert "67108864 bytes" in big.last_error.message
+    assert small.status == COMPLETE
+
+
 # An embedding backend that returns NaN.
 
 POISON = "poisoned-chunk-marker"
