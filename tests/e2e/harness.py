@@ -133,12 +133,16 @@ async def upload(
 
 
 async def wait_terminal(
-    pipeline: Pipeline, job_id: str, *, user: str | None = None
+    pipeline: Pipeline,
+    job_id: str,
+    *,
+    user: str | None = None,
+    limit_seconds: float = WATCH_LIMIT_SECONDS,
 ) -> resources_pb2.Job:
     """Watch a job until it reaches a terminal status and return it."""
     stub = upload_grpc.UploadServiceStub(pipeline.gateway_channel)
     last = None
-    async with asyncio.timeout(WATCH_LIMIT_SECONDS):
+    async with asyncio.timeout(limit_seconds):
         async for update in stub.WatchJob(
             upload_pb.WatchJobRequest(job_id=job_id), metadata=user_metadata(user)
         ):
