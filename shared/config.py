@@ -109,9 +109,35 @@ class Settings(BaseSettings):
     # grpc_max_concurrent_rpcs keeps slots free for short calls such as
     # GetJob and Search.
     max_concurrent_uploads: int = Field(default=32, ge=1)
+    max_concurrent_uploads_per_user: int = Field(
+        default=4,
+        ge=1,
+        description="open upload streams one user may have on one gateway",
+    )
     max_concurrent_watches: int = Field(default=128, ge=1)
-    parse_timeout_seconds: float = Field(default=300.0, gt=0)
+    parse_timeout_seconds: float = Field(
+        default=300.0, gt=0, description="CPU seconds the parse child may use"
+    )
+    parse_wall_timeout_seconds: float = Field(
+        default=310.0,
+        gt=0,
+        description="seconds the parse child may run before it is killed, "
+        "whether it computes or waits",
+    )
     parse_memory_limit_bytes: int = Field(default=2048 * MiB, ge=64 * MiB)
+    max_pages: int = Field(
+        default=2000, ge=1, description="maximum number of pages of a PDF"
+    )
+    max_parsed_chars: int = Field(
+        default=5_000_000,
+        ge=1,
+        description="maximum number of characters of one parsed document",
+    )
+    max_chunks_per_document: int = Field(
+        default=10_000,
+        ge=1,
+        description="maximum number of chunks one document may yield",
+    )
 
     # Chunking, in the embedding model's tokens with special tokens counted.
     chunk_min_tokens: int = Field(default=200, ge=1)
@@ -183,6 +209,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"INGESTD_CHUNK_OVERLAP_TOKENS ({self.chunk_overlap_tokens}) must be "
                 f"smaller than INGESTD_CHUNK_MIN_TOKENS ({self.chunk_min_tokens})"
+            )
+        if self.max_concurrent_uploads_per_user > self.max_concurrent_uploads:
+            raise ValueError(
+                f"INGESTD_MAX_CONCURRENT_UPLOADS_PER_USER ({self.max_concurrent_uploads_per_user}) "
+                f"must not exceed INGESTD_MAX_CONCURRENT_UPLOADS ({self.max_concurrent_uploads})"
             )
         streams = self.max_concurrent_uploads + self.max_concurrent_watches
         if streams >= self.grpc_max_concurrent_rpcs:

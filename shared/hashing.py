@@ -6,8 +6,10 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 # C0 and C1 control characters other than tab and line feed. PostgreSQL
 # rejects NUL in text columns, and the others only add noise to embeddings.
@@ -46,6 +48,10 @@ def parsed_sha256(markdown: str) -> str:
 
 def vector_bytes(vector: Sequence[float] | np.ndarray) -> bytes:
     """Return the canonical bytes of a vector: little-endian float32."""
+    # Imported here so the parse child, which needs only the text functions,
+    # does not load numpy and OpenBLAS under its memory limit.
+    import numpy as np
+
     return np.asarray(vector, dtype="<f4").tobytes()
 
 

@@ -72,21 +72,30 @@ def template_url(postgres_url: str) -> str:
     return url
 
 
-@pytest.fixture
-async def database_url(postgres_url: str, template_url: str) -> AsyncIterator[str]:
-    """A fresh migrated database for one test."""
+@contextlib.asynccontextmanager
+async def cloned_database(postgres_url: str) -> AsyncIterator[str]:
+    """Create a database from the migrated template, yield its URL, drop it."""
     name = f"test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres_url)
     try:
         await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
     finally:
         await admin.close()
-    yield _with_database(postgres_url, name)
-    admin = await asyncpg.connect(postgres_url)
     try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        yield _with_database(postgres_url, name)
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def database_url(postgres_url: str, template_url: str) -> AsyncIterator[str]:
+    """A fresh migrated database for one test."""
+    async with cloned_database(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture

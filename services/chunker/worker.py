@@ -47,6 +47,14 @@ class ChunkWorker(BaseWorker):
                 job.document_id,
             )
         chunks = await asyncio.to_thread(self.chunker.chunk, text, page_offsets)
+        limit = self.settings.max_chunks_per_document
+        if len(chunks) > limit:
+            raise PermanentError(
+                "limit_exceeded",
+                f"the document yields {len(chunks)} chunks, more than the maximum of "
+                f"{limit} (INGESTD_MAX_CHUNKS_PER_DOCUMENT); split the document or "
+                "raise the limit",
+            )
         await failpoints.hit("chunk.before_store", document_id=job.document_id)
         await self.store_chunks(job, lease, chunks)
 

@@ -4,7 +4,8 @@ The parse worker starts this module with ``python -m``, writes a JSON request
 to its stdin and reads a JSON result from its stdout. A crash, a runaway
 allocation or an endless loop in a parser kills only this process.
 
-Request: ``{"path", "content_type", "password", "cpu_seconds", "memory_bytes"}``.
+Request: ``{"path", "content_type", "password", "cpu_seconds", "memory_bytes",
+"max_pages", "max_chars"}``.
 Result: ``{"ok": true, "markdown", "page_count", "page_offsets", "encoding"}``
 or ``{"ok": false, "code", "message"}``.
 """
@@ -16,6 +17,11 @@ import resource
 import sys
 from pathlib import Path
 
+_MEMORY_MESSAGE = (
+    "parsing needed more memory than INGESTD_PARSE_MEMORY_LIMIT_BYTES ({limit} bytes) "
+    "allows; split the document or raise the limit"
+)
+
 
 def _apply_limits(cpu_seconds: int, memory_bytes: int) -> None:
     # RLIMIT_CPU sends SIGXCPU at the soft limit; RLIMIT_AS makes allocations
@@ -24,31 +30,44 @@ def _apply_limits(cpu_seconds: int, memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
 
 
-def main() -> None:
-    request = json.loads(sys.stdin.read())
-    _apply_limits(int(request["cpu_seconds"]), int(request["memory_bytes"]))
+def _parse(request: dict) -> dict:
+    from services.gateway.parsing import ParseError, ParseLimits, parse_document
 
-    from services.gateway.parsing import ParseError, parse_document
-
+    limits = ParseLimits(
+        max_pages=int(request["max_pages"]), max_chars=int(request["max_chars"])
+    )
     try:
         data = Path(request["path"]).read_bytes()
         parsed = parse_document(
-            data, request["content_type"], password=request.get("password") or None
+            data,
+            request["content_type"],
+            password=request.get("password") or None,
+            limits=limits,
         )
-        result = {
-            "ok": True,
-            "markdown": parsed.markdown,
-            "page_count": parsed.page_count,
-            "page_offsets": parsed.page_offsets,
-            "encoding": parsed.encoding,
-        }
     except ParseError as exc:
-        result = {"ok": False, "code": exc.code, "message": exc.message}
+        return {"ok": False, "code": exc.code, "message": exc.message}
+    return {
+        "ok": True,
+        "markdown": parsed.markdown,
+        "page_count": parsed.page_count,
+        "page_offsets": parsed.page_offsets,
+        "encoding": parsed.encoding,
+    }
+
+
+def main() -> None:
+    request = json.loads(sys.stdin.read())
+    memory_bytes = int(request["memory_bytes"])
+    _apply_limits(int(request["cpu_seconds"]), memory_bytes)
+    # The parsers are imported under the limits too, so a memory limit too
+    # small for the imports is reported as a limit rather than a crash.
+    try:
+        result = _parse(request)
     except MemoryError:
         result = {
             "ok": False,
             "code": "limit_exceeded",
-            "message": "parsing needed more memory than INGESTD_PARSE_MEMORY_LIMIT_BYTES allows",
+            "message": _MEMORY_MESSAGE.format(limit=memory_bytes),
         }
     sys.stdout.write(json.dumps(result, ensure_ascii=True))
     sys.stdout.flush()

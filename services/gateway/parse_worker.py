@@ -59,6 +59,8 @@ class ParseWorker(BaseWorker):
                 "password": job.parse_password,
                 "cpu_seconds": math.ceil(self.settings.parse_timeout_seconds),
                 "memory_bytes": self.settings.parse_memory_limit_bytes,
+                "max_pages": self.settings.max_pages,
+                "max_chars": self.settings.max_parsed_chars,
             }
         )
         if not result["ok"]:
@@ -144,18 +146,28 @@ class ParseWorker(BaseWorker):
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
+        wall_seconds = self.settings.parse_wall_timeout_seconds
         try:
             stdout, stderr = await asyncio.wait_for(
                 process.communicate(json.dumps(request).encode("utf-8")),
-                timeout=self.settings.parse_timeout_seconds + 10,
+                timeout=wall_seconds,
             )
         except TimeoutError:
             process.kill()
             await process.wait()
+            log.warning(
+                "parse child killed after the wall-clock limit",
+                extra={
+                    "event": "parse_wall_timeout",
+                    "pid": process.pid,
+                    "wall_seconds": wall_seconds,
+                },
+            )
             raise PermanentError(
                 "limit_exceeded",
-                f"parsing took longer than {self.settings.parse_timeout_seconds:g} s "
-                "(INGESTD_PARSE_TIMEOUT_SECONDS); the file is too large or malformed",
+                f"parsing ran longer than {wall_seconds:g} s of wall-clock time "
+                "(INGESTD_PARSE_WALL_TIMEOUT_SECONDS), so the parser was killed; "
+                "the file is too large or malformed, or the limit is too low",
             ) from None
         except asyncio.CancelledError:
             with contextlib.suppress(ProcessLookupError):
@@ -177,8 +189,10 @@ class ParseWorker(BaseWorker):
                     "ok": False,
                     "code": "limit_exceeded",
                     "message": f"the parser was stopped by {name}: it exceeded the CPU "
-                    "time or memory limit (INGESTD_PARSE_TIMEOUT_SECONDS, "
-                    "INGESTD_PARSE_MEMORY_LIMIT_BYTES)",
+                    f"time limit of {self.settings.parse_timeout_seconds:g} s "
+                    "(INGESTD_PARSE_TIMEOUT_SECONDS) or the memory limit of "
+                    f"{self.settings.parse_memory_limit_bytes} bytes "
+                    "(INGESTD_PARSE_MEMORY_LIMIT_BYTES)",
                 }
             return {
                 "ok": False,

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import unicodedata
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -40,8 +42,13 @@ SNIFF_BYTES = 8192
 # WatchJob re-reads the job at least this often, in case a notification was
 # lost.
 WATCH_POLL_SECONDS = 2.0
-_CONTROL = dict.fromkeys(range(32), None) | {0x7F: None}
 _T = TypeVar("_T")
+MAX_FILENAME_CHARS = 255
+# Unicode categories removed from display names: controls (Cc), format
+# characters such as bidirectional overrides and zero-width spaces (Cf),
+# line and paragraph separators (Zl, Zp), surrogates (Cs) and unassigned
+# or private-use code points (Cn, Co).
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Cn", "Co"})
 
 
 @contextlib.asynccontextmanager
@@ -70,10 +77,35 @@ async def document_lock(
                 )
 
 
+class UploadRejectedError(Exception):
+    """A reason to end an upload call, raised while its temporary file is open.
+
+    The handler removes the temporary file before it sends the status, so a
+    client that sees the error never finds the partial upload on disk.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str,
+        field_name: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.field_name = field_name
+
+
+def _bad_stream(message: str) -> UploadRejectedError:
+    return UploadRejectedError(
+        grpc.StatusCode.INVALID_ARGUMENT, message, "BAD_UPLOAD_STREAM"
+    )
+
+
 async def _with_idle_timeout(
-    requests: AsyncIterator[pb.UploadRequest],
-    idle_seconds: float,
-    context: grpc.aio.ServicerContext,
+    requests: AsyncIterator[pb.UploadRequest], idle_seconds: float
 ) -> AsyncIterator[pb.UploadRequest]:
     """Yield requests, ending the call when none arrives for idle_seconds.
 
@@ -91,20 +123,58 @@ async def _with_idle_timeout(
                 "upload stalled; ending it",
                 extra={"event": "upload_idle_timeout", "idle_seconds": idle_seconds},
             )
-            await abort(
-                context,
+            raise UploadRejectedError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the upload sent nothing for {idle_seconds:g} s "
                 "(INGESTD_UPLOAD_IDLE_TIMEOUT_SECONDS); send the file again without pausing",
-                reason="UPLOAD_IDLE",
-            )
+                "UPLOAD_IDLE",
+            ) from None
         yield message
 
 
 def display_filename(name: str) -> str:
-    """Clean a client-supplied file name for display: no path, no controls."""
-    name = name.replace("\\", "/").rsplit("/", 1)[-1].translate(_CONTROL).strip()
-    return name[:255]
+    """Clean a client-supplied file name for display only.
+
+    Keeps the last path segment, applies NFC, removes control, format and
+    separator characters, and shortens the name to MAX_FILENAME_CHARS
+    characters, keeping the extension when it is short. The result is never
+    used in a storage path and may be empty.
+    """
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = unicodedata.normalize("NFC", name)
+    name = "".join(
+        character
+        for character in name
+        if unicodedata.category(character) not in _HIDDEN_CATEGORIES
+    ).strip()
+    if name in (".", ".."):
+        return ""
+    if len(name) <= MAX_FILENAME_CHARS:
+        return name
+    stem, dot, extension = name.rpartition(".")
+    if dot and stem and len(extension) <= 16:
+        return stem[: MAX_FILENAME_CHARS - len(extension) - 1] + "." + extension
+    return name[:MAX_FILENAME_CHARS]
+
+
+def declared_type_differs(declared: str, detected: str) -> bool:
+    """Tell whether a declared content type names another media type than detected.
+
+    Parameters such as "; charset=utf-8" and letter case are ignored, and
+    so is an empty declaration. Markdown declared as text/x-markdown counts
+    as text/markdown.
+    """
+    media_type = declared.split(";", 1)[0].strip().lower()
+    if not media_type:
+        return False
+    return _MEDIA_TYPE_ALIASES.get(media_type, media_type) != detected
+
+
+_MEDIA_TYPE_ALIASES = {
+    "text/x-markdown": "text/markdown",
+    "application/xhtml+xml": "text/html",
+    "application/x-pdf": "application/pdf",
+}
 
 
 class UploadServicer(pb_grpc.UploadServiceServicer):
@@ -125,6 +195,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         self.identity = identity
         self.listener = listener
         self._active_uploads = 0
+        self._active_uploads_by_user: Counter[str] = Counter()
         self._active_watches = 0
 
     # Upload ---------------------------------------------------------------
@@ -142,11 +213,26 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                 "(INGESTD_MAX_CONCURRENT_UPLOADS); retry in a few seconds",
                 reason="TOO_MANY_UPLOADS",
             )
+        user = current_user()
+        user_uploads = self._active_uploads_by_user[user]
+        if user_uploads >= self.settings.max_concurrent_uploads_per_user:
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"user {user} has {user_uploads} uploads in progress, the maximum "
+                f"of {self.settings.max_concurrent_uploads_per_user} per user "
+                "(INGESTD_MAX_CONCURRENT_UPLOADS_PER_USER); wait for one to finish",
+                reason="TOO_MANY_UPLOADS_FOR_USER",
+            )
         self._active_uploads += 1
+        self._active_uploads_by_user[user] += 1
         try:
             return await self._receive_upload(request_iterator, context)
         finally:
             self._active_uploads -= 1
+            self._active_uploads_by_user[user] -= 1
+            if self._active_uploads_by_user[user] <= 0:
+                del self._active_uploads_by_user[user]
 
     async def _receive_upload(
         self,
@@ -171,53 +257,44 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         committed = False
         idle_seconds = self.settings.upload_idle_timeout_seconds
         try:
-            async for message in _with_idle_timeout(
-                request_iterator, idle_seconds, context
-            ):
+            async for message in _with_idle_timeout(request_iterator, idle_seconds):
                 kind = message.WhichOneof("payload")
                 if kind == "metadata":
                     if metadata is not None:
-                        await self._bad_stream(
-                            context, "metadata was sent twice; send it once, first"
+                        raise _bad_stream(
+                            "metadata was sent twice; send it once, first"
                         )
                     metadata = message.metadata
                     await self._check_declared_size(context, metadata)
                     writer = await self._store(context, self.storage.open_writer)
                     continue
                 if metadata is None or writer is None:
-                    await self._bad_stream(
-                        context,
-                        "the first message must carry metadata; send it before any chunk",
+                    raise _bad_stream(
+                        "the first message must carry metadata; send it before any chunk"
                     )
-                    return pb.UploadResponse()
                 if kind != "chunk":
                     continue
                 data = message.chunk
                 size += len(data)
                 if size > self.settings.max_upload_bytes:
-                    await abort(
-                        context,
+                    raise UploadRejectedError(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"upload exceeds the maximum of {self.settings.max_upload_bytes} bytes "
                         "(INGESTD_MAX_UPLOAD_BYTES); split the file or raise the limit",
-                        reason="UPLOAD_TOO_LARGE",
+                        "UPLOAD_TOO_LARGE",
                     )
                 digest.update(data)
                 if len(head) < SNIFF_BYTES:
                     head += data[: SNIFF_BYTES - len(head)]
                 await self._store(context, writer.write, data, partial=writer)
             if metadata is None or writer is None:
-                await self._bad_stream(
-                    context, "the stream was empty; send a metadata message first"
-                )
-                return pb.UploadResponse()
+                raise _bad_stream("the stream was empty; send a metadata message first")
             if metadata.size_bytes and metadata.size_bytes != size:
-                await abort(
-                    context,
+                raise UploadRejectedError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"metadata.size_bytes is {metadata.size_bytes} but {size} bytes arrived; "
                     "the upload was cut short, send it again",
-                    reason="SIZE_MISMATCH",
+                    "SIZE_MISMATCH",
                     field_name="metadata.size_bytes",
                 )
             try:
@@ -225,12 +302,9 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                     bytes(head), metadata.filename, metadata.content_type
                 )
             except ParseError as exc:
-                await abort(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    exc.message,
-                    reason="UNSUPPORTED_TYPE",
-                )
+                raise UploadRejectedError(
+                    grpc.StatusCode.INVALID_ARGUMENT, exc.message, "UNSUPPORTED_TYPE"
+                ) from exc
             raw_sha = digest.hexdigest()
             document_id = ids.document_id(user, raw_sha)
             key = raw_key(user, document_id)
@@ -252,6 +326,19 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                     key,
                     identity,
                 )
+        except UploadRejectedError as rejection:
+            # The temporary file goes before the status, so a client that
+            # sees the error never finds it.
+            if writer is not None:
+                await asyncio.to_thread(writer.abort)
+            await abort(
+                context,
+                rejection.code,
+                rejection.message,
+                reason=rejection.reason,
+                field_name=rejection.field_name,
+            )
+            raise
         finally:
             if writer is not None and not committed:
                 await asyncio.to_thread(writer.abort)
@@ -309,16 +396,6 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             reason="STORAGE_UNAVAILABLE",
         )
 
-    async def _bad_stream(
-        self, context: grpc.aio.ServicerContext, message: str
-    ) -> None:
-        await abort(
-            context,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            message,
-            reason="BAD_UPLOAD_STREAM",
-        )
-
     async def _check_declared_size(
         self, context: grpc.aio.ServicerContext, metadata: pb.UploadMetadata
     ) -> None:
@@ -360,6 +437,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             identity.embed_model,
             identity.embed_version,
         )
+        declared_type = metadata.content_type[:255]
+        declared_differs = declared_type_differs(declared_type, content_type)
         async with connection.transaction():
             inserted_document = await connection.fetchval(
                 """
@@ -373,7 +452,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                 user,
                 display_filename(metadata.filename),
                 content_type,
-                metadata.content_type[:255],
+                declared_type,
                 size,
                 raw_sha,
                 key,
@@ -410,6 +489,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                         "action": "upload",
                         "bytes": size,
                         "content_type": content_type,
+                        "declared_content_type": declared_type,
+                        "declared_type_differs": declared_differs,
                     },
                 )
                 await jobs.notify(connection, job_id, Status.UPLOADED)
@@ -428,6 +509,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                 "job_id": str(job_id),
                 "bytes": size,
                 "content_type": content_type,
+                "declared_content_type": declared_type,
+                "declared_type_differs": declared_differs,
                 "duplicate": duplicate,
             },
         )

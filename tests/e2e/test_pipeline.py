@@ -74,8 +74,15 @@ async def test_pipeline_corpus_documents_complete(
     pipeline: Pipeline, pool, corpus_present
 ) -> None:
     paths = [corpus_file(name) for name in CORPUS_DOCUMENTS]
+    # No more uploads at once than one user may have open.
+    gate = asyncio.Semaphore(pipeline.settings.max_concurrent_uploads_per_user)
+
+    async def upload_in_turn(data: bytes, name: str) -> upload_pb.UploadResponse:
+        async with gate:
+            return await upload(pipeline, data, name)
+
     responses = await asyncio.gather(
-        *(upload(pipeline, p.read_bytes(), p.name) for p in paths)
+        *(upload_in_turn(path.read_bytes(), path.name) for path in paths)
     )
     jobs = await asyncio.gather(
         *(wait_terminal(pipeline, r.job.job_id) for r in responses)
@@ -408,8 +415,14 @@ async def test_stalled_uploads_limited_and_ended(pipeline: Pipeline) -> None:
         )
         await release.wait()
 
+    # One user per stream, so the per-user limit does not stop them first.
     limit = pipeline.settings.max_concurrent_uploads
-    calls = [asyncio.ensure_future(stub.Upload(stalled())) for _ in range(limit)]
+    calls = [
+        asyncio.ensure_future(
+            stub.Upload(stalled(), metadata=[("x-ingestd-user", f"staller{n}")])
+        )
+        for n in range(limit)
+    ]
     await asyncio.sleep(0.5)
     with pytest.raises(grpc.aio.AioRpcError) as extra:
         await upload(pipeline, b"one upload too many\n", "extra.txt")

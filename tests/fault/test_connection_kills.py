@@ -53,7 +53,11 @@ async def upload_spread(cluster: Cluster) -> list[str]:
 
 
 async def test_killed_connections_recover(cluster: Cluster, settings: Settings) -> None:
-    processes = list(await cluster.start_all())
+    # Uploads stalled by a killed connection may overlap: more of them may be
+    # open at once than one user may have by default.
+    processes = list(
+        await cluster.start_all(gateway={"max_concurrent_uploads_per_user": 16})
+    )
     assert settings.database_url is not None
     # The killer's own connection is the one backend it spares, so the test
     # also reads its results through it.

@@ -101,11 +101,16 @@ def listener_events(process: ServiceProcess) -> list[str]:
 async def test_restart_drains_backlog(
     cluster: Cluster, dedicated_postgres: DedicatedPostgres
 ) -> None:
-    # The backlog arrives faster than the default per-user rate limit allows.
-    # Four parses at a time drain it sooner and hold more leases at the restart.
+    # The backlog arrives faster, and with more uploads open at once, than
+    # the default per-user limits allow. Four parses at a time drain it
+    # sooner and hold more leases at the restart.
     processes = list(
         await cluster.start_all(
-            gateway={"rate_limit": "1000/second", "max_concurrent_jobs": 4}
+            gateway={
+                "rate_limit": "1000/second",
+                "max_concurrent_uploads_per_user": 8,
+                "max_concurrent_jobs": 4,
+            }
         )
     )
     url = dedicated_postgres.url

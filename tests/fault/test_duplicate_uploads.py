@@ -33,7 +33,12 @@ DOCUMENT = (
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """The shared test settings, with room for every client's upload at once."""
-    return settings.model_copy(update={"max_concurrent_uploads": CLIENTS + 6})
+    return settings.model_copy(
+        update={
+            "max_concurrent_uploads": CLIENTS + 6,
+            "max_concurrent_uploads_per_user": CLIENTS,
+        }
+    )
 
 
 async def requests_after_barrier(

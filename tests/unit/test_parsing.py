@@ -11,7 +11,6 @@ import pickle
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +29,7 @@ from services.gateway.parsing import (
 )
 from services.gateway.parsing.html import remove_scripts_and_styles
 from shared.hashing import normalize_text
+from tests.pdfs import PdfPageSpec, build_pdf
 
 CORPUS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
 CORPUS_FILES = (
@@ -100,77 +100,6 @@ def parse_error(data: bytes, content_type: str, **kwargs: str) -> ParseError:
     with pytest.raises(ParseError) as excinfo:
         parse_document(data, content_type, **kwargs)
     return excinfo.value
-
-
-# Hand-written PDFs.
-
-
-@dataclass(frozen=True)
-class PdfPageSpec:
-    """Content of one generated PDF page, as text lines and an optional image."""
-
-    lines: tuple[str, ...] = ()
-    image: bool = False
-
-
-def build_pdf(pages: list[PdfPageSpec]) -> bytes:
-    """Write a PDF 1.4 file with Helvetica text lines and 2x2 gray images."""
-    objects: dict[int, bytes] = {
-        1: b"<< /Type /Catalog /Pages 2 0 R >>",
-        3: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    }
-    page_ids: list[int] = []
-    next_id = 4
-    for page in pages:
-        page_id, content_id = next_id, next_id + 1
-        next_id += 2
-        operators: list[bytes] = []
-        resources = b"/Font << /F1 3 0 R >>"
-        if page.lines:
-            operators.append(b"BT /F1 12 Tf 14 TL 72 720 Td")
-            for line in page.lines:
-                escaped = (
-                    line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
-                )
-                operators.append(b"(" + escaped.encode("ascii") + b") Tj T*")
-            operators.append(b"ET")
-        if page.image:
-            image_id = next_id
-            next_id += 1
-            objects[image_id] = (
-                b"<< /Type /XObject /Subtype /Image /Width 2 /Height 2 "
-                b"/ColorSpace /DeviceGray /BitsPerComponent 8 /Length 4 >>\n"
-                b"stream\n\x00\xff\xff\x00\nendstream"
-            )
-            resources += b" /XObject << /Im1 %d 0 R >>" % image_id
-            operators.append(b"q 200 0 0 200 100 300 cm /Im1 Do Q")
-        stream = b"\n".join(operators)
-        objects[content_id] = (
-            b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream"
-        )
-        objects[page_id] = (
-            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
-            b"/Resources << " + resources + b" >> /Contents %d 0 R >>" % content_id
-        )
-        page_ids.append(page_id)
-    kids = b" ".join(b"%d 0 R" % page_id for page_id in page_ids)
-    objects[2] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, len(page_ids))
-
-    output = bytearray(b"%PDF-1.4\n")
-    offsets: dict[int, int] = {}
-    for object_id in sorted(objects):
-        offsets[object_id] = len(output)
-        output += b"%d 0 obj\n" % object_id + objects[object_id] + b"\nendobj\n"
-    xref_offset = len(output)
-    size = max(objects) + 1
-    output += b"xref\n0 %d\n0000000000 65535 f \n" % size
-    for object_id in range(1, size):
-        output += b"%010d 00000 n \n" % offsets[object_id]
-    output += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        size,
-        xref_offset,
-    )
-    return bytes(output)
 
 
 # ParseError.

@@ -17,6 +17,8 @@ PARSE_ERROR_CODES = frozenset(
         "encrypted_password_wrong",
         "no_text_layer",
         "decode_failed",
+        "limit_exceeded",
+        "unreadable_text",
     }
 )
 
@@ -41,6 +43,40 @@ class ParseError(Exception):
         # The default pickling passes only ``args`` (the message) back to
         # __init__, which would fail when the error crosses a process boundary.
         return (type(self), (self.code, self.message))
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """Limits a parse enforces, with the settings that set them.
+
+    The defaults match the defaults of INGESTD_MAX_PAGES and
+    INGESTD_MAX_PARSED_CHARS.
+    """
+
+    max_pages: int = 2000
+    max_chars: int = 5_000_000
+
+    def pages_exceeded(self, pages: int) -> ParseError:
+        """Return the error for a PDF with more pages than max_pages."""
+        return ParseError(
+            "limit_exceeded",
+            f"the PDF has {pages} pages, more than the maximum of {self.max_pages} "
+            "(INGESTD_MAX_PAGES); split the document or raise the limit",
+        )
+
+    def chars_exceeded(self, chars: int, *, at_least: bool = False) -> ParseError:
+        """Return the error for text longer than max_chars.
+
+        ``at_least`` marks a count taken when parsing stopped early, so the
+        whole text is longer still.
+        """
+        count = f"at least {chars}" if at_least else str(chars)
+        return ParseError(
+            "limit_exceeded",
+            f"the document's text has {count} characters, more than the maximum "
+            f"of {self.max_chars} (INGESTD_MAX_PARSED_CHARS); split the document "
+            "or raise the limit",
+        )
 
 
 @dataclass(frozen=True)

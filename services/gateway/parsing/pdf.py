@@ -7,7 +7,12 @@ import re
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 
-from services.gateway.parsing.document import ParsedDocument, ParseError, clean_text
+from services.gateway.parsing.document import (
+    ParsedDocument,
+    ParseError,
+    ParseLimits,
+    clean_text,
+)
 
 PAGE_SEPARATOR = "\n\n"
 
@@ -16,13 +21,18 @@ PAGE_SEPARATOR = "\n\n"
 _HYPHEN_MARK = re.compile("\ufffe")
 
 
-def parse_pdf(data: bytes, password: str | None) -> ParsedDocument:
+def parse_pdf(
+    data: bytes, password: str | None, limits: ParseLimits | None = None
+) -> ParsedDocument:
     """Extract the text of every page and join the pages with a blank line.
 
     An empty ``password`` is the same as None. Raises ParseError with the code
-    "corrupt_file", "encrypted_password_required", "encrypted_password_wrong"
-    or "no_text_layer".
+    "corrupt_file", "encrypted_password_required", "encrypted_password_wrong",
+    "no_text_layer" or "limit_exceeded". The page count is checked before
+    any page is read, and extraction stops at the page that takes the text
+    over the character limit.
     """
+    limits = limits or ParseLimits()
     password = password or None
     try:
         document = pdfium.PdfDocument(data, password=password)
@@ -30,7 +40,10 @@ def parse_pdf(data: bytes, password: str | None) -> ParsedDocument:
         raise _load_error(exc, password) from exc
 
     try:
-        page_texts, image_page_count = _extract_pages(document)
+        page_count = len(document)
+        if page_count > limits.max_pages:
+            raise limits.pages_exceeded(page_count)
+        page_texts, image_page_count = _extract_pages(document, limits)
     finally:
         document.close()
 
@@ -90,15 +103,20 @@ def _load_error(exc: pdfium.PdfiumError, password: str | None) -> ParseError:
     )
 
 
-def _extract_pages(document: pdfium.PdfDocument) -> tuple[list[str], int]:
+def _extract_pages(
+    document: pdfium.PdfDocument, limits: ParseLimits
+) -> tuple[list[str], int]:
     """Return the cleaned text of each page and the number of image pages.
 
     Image pages are counted only while no page has text, because the count
-    matters only for a PDF without any text.
+    matters only for a PDF without any text. Raises ParseError
+    ("limit_exceeded") as soon as the pages read so far have more than
+    ``limits.max_chars`` characters.
     """
     page_texts: list[str] = []
     image_page_count = 0
     found_text = False
+    total_chars = 0
     for index in range(len(document)):
         try:
             page = document[index]
@@ -112,6 +130,9 @@ def _extract_pages(document: pdfium.PdfDocument) -> tuple[list[str], int]:
         finally:
             page.close()
         page_texts.append(text)
+        total_chars += len(text)
+        if total_chars > limits.max_chars:
+            raise limits.chars_exceeded(total_chars, at_least=True)
     return page_texts, image_page_count
 
 
