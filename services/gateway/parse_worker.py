@@ -184,13 +184,22 @@ class ParseWorker(BaseWorker):
         tail = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
         if returncode is not None and returncode < 0:
             name = signal.Signals(-returncode).name
-            if -returncode in (signal.SIGXCPU, signal.SIGKILL):
+            cpu_limit = (
+                f"the CPU time limit of {self.settings.parse_timeout_seconds:g} s "
+                "(INGESTD_PARSE_TIMEOUT_SECONDS)"
+            )
+            if -returncode == signal.SIGXCPU:
                 return {
                     "ok": False,
                     "code": "limit_exceeded",
-                    "message": f"the parser was stopped by {name}: it exceeded the CPU "
-                    f"time limit of {self.settings.parse_timeout_seconds:g} s "
-                    "(INGESTD_PARSE_TIMEOUT_SECONDS) or the memory limit of "
+                    "message": f"the parser was stopped by {name}: it exceeded {cpu_limit}",
+                }
+            if -returncode == signal.SIGKILL:
+                return {
+                    "ok": False,
+                    "code": "limit_exceeded",
+                    "message": f"the parser was stopped by {name}: it exceeded {cpu_limit} "
+                    "or the memory limit of "
                     f"{self.settings.parse_memory_limit_bytes} bytes "
                     "(INGESTD_PARSE_MEMORY_LIMIT_BYTES)",
                 }

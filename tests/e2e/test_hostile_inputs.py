@@ -439,6 +439,22 @@ async def test_parse_memory_limit_fails_document(pipeline: Pipeline) -> None:
     assert small.status == COMPLETE
 
 
+@pytest.mark.parametrize("settings", [{"parse_timeout_seconds": 1}], indirect=True)
+async def test_parse_cpu_limit_fails_document(pipeline: Pipeline) -> None:
+    # A million nested elements: about 36 MB of HTML that takes the HTML
+    # parser several CPU seconds, and little memory or text.
+    data = b"<html><body>" + b"<div class=c><span>w</span></div>" * 1_000_000
+    big = await ingest(pipeline, data + b"</body></html>", "nested.html")
+    small = await ingest(pipeline, b"# Small\n\nParsed within the limit.\n", "s.md")
+
+    assert big.status == FAILED_PARSE
+    assert big.last_error.code == "limit_exceeded"
+    assert "SIGXCPU" in big.last_error.message
+    assert "CPU time limit of 1 s" in big.last_error.message
+    assert "INGESTD_PARSE_TIMEOUT_SECONDS" in big.last_error.message
+    assert small.status == COMPLETE
+
+
 # An embedding backend that returns NaN.
 
 POISON = "poisoned-chunk-marker"
