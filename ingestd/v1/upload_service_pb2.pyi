@@ -44,7 +44,8 @@ class UploadMetadata(_message.Message):
     """
     password: _builtins.str
     """Password for an encrypted PDF. Optional. Kept only for the parse and
-    never logged.
+    never logged. Uploading a file again with a password parses it again
+    when its job failed for want of the right password.
     """
     def __init__(
         self,

@@ -39,6 +39,8 @@ from shared.storage import (
 log = logging.getLogger(__name__)
 
 SNIFF_BYTES = 8192
+# Parse error codes that a repeated upload with a password may clear.
+PASSWORD_ERRORS = ("encrypted_password_required", "encrypted_password_wrong")
 # WatchJob re-reads the job at least this often, in case a notification was
 # lost.
 WATCH_POLL_SECONDS = 2.0
@@ -494,6 +496,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                     },
                 )
                 await jobs.notify(connection, job_id, Status.UPLOADED)
+            elif metadata.password:
+                await self._retry_with_password(connection, job_id, metadata.password)
             document = await connection.fetchrow(
                 "SELECT * FROM documents WHERE document_id = $1", document_id
             )
@@ -518,6 +522,47 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             document=document_to_proto(document),
             job=job_to_proto(job),
             duplicate=duplicate,
+        )
+
+    async def _retry_with_password(
+        self, connection: asyncpg.Connection, job_id: uuid.UUID, password: str
+    ) -> None:
+        """Parse a failed encrypted PDF again when its upload is repeated with a password.
+
+        The parse error asks the user to upload the file again with its
+        password. The bytes are the same, so the upload finds the existing
+        job; when that job failed for want of the right password, it goes
+        back to `uploaded` with the new password and fresh attempts.
+        """
+        reset = await connection.fetchval(
+            """
+            UPDATE upload_jobs
+            SET status = 'uploaded', parse_password = $3, retry_count = 0,
+                attempts = 0, run_after = now(), updated_at = now()
+            WHERE job_id = $1 AND status = $2
+              AND last_error->>'code' = ANY($4::text[])
+            RETURNING job_id
+            """,
+            job_id,
+            str(Status.FAILED_PARSE),
+            password,
+            list(PASSWORD_ERRORS),
+        )
+        if reset is None:
+            return
+        await jobs.record_event(
+            connection,
+            job_id,
+            str(Status.FAILED_PARSE),
+            str(Status.UPLOADED),
+            worker=None,
+            lease_token=None,
+            detail={"action": "retry_with_password"},
+        )
+        await jobs.notify(connection, job_id, Status.UPLOADED)
+        log.info(
+            "failed job retried with a password",
+            extra={"event": "retry_with_password", "job_id": str(job_id)},
         )
 
     # Jobs -----------------------------------------------------------------

@@ -116,9 +116,11 @@ EXPECTED: dict[str, str] = {
     "txt/tinyshakespeare.txt": COMPLETE,
 }
 
-# User passwords of the encrypted files, from the corpus manifest. Each file
-# is uploaded again with its password by another user, because the same
-# user uploading the same bytes gets the existing document back.
+# User passwords of the encrypted files, from the corpus manifest. Another
+# user uploads each file with its password, at the same time as the upload
+# without one, so that both outcomes are kept side by side.
+# tests/e2e/test_hostile_inputs.py covers one user uploading again with the
+# password after a failure.
 PASSWORDS: dict[str, str] = {
     "pdf/pm_encryption_aes-256-r6.pdf": "usersecret",
     "pdf/pp_crazyones-encrypted-256.pdf": "password",

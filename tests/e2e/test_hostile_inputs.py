@@ -455,6 +455,45 @@ async def test_parse_cpu_limit_fails_document(pipeline: Pipeline) -> None:
     assert small.status == COMPLETE
 
 
+async def test_encrypted_pdf_uploaded_again_with_password(
+    pipeline: Pipeline, pool: asyncpg.Pool
+) -> None:
+    data = corpus_file("pdf/pp_crazyones-encrypted-256.pdf").read_bytes()
+    first = await upload(pipeline, data, "crazyones.pdf")
+    locked = await wait_terminal(pipeline, first.job.job_id)
+    wrong = await upload(pipeline, data, "crazyones.pdf", password="not-it")
+    wrong_job = await wait_terminal(pipeline, wrong.job.job_id)
+    right = await upload(pipeline, data, "crazyones.pdf", password="password")
+    unlocked = await wait_terminal(pipeline, right.job.job_id)
+    again = await upload(pipeline, data, "crazyones.pdf", password="password")
+
+    assert locked.status == FAILED_PARSE
+    assert locked.last_error.code == "encrypted_password_required"
+    assert wrong.duplicate
+    assert wrong.job.job_id == first.job.job_id
+    assert wrong_job.status == FAILED_PARSE
+    assert wrong_job.last_error.code == "encrypted_password_wrong"
+    assert right.duplicate
+    assert right.job.job_id == first.job.job_id
+    assert unlocked.status == COMPLETE
+    assert unlocked.progress.chunks_total > 0
+    assert "crazy ones" in " ".join(await chunk_texts(pool, unlocked)).lower()
+    # A complete job is left alone, and no password outlives its parse.
+    assert again.job.status == COMPLETE
+    async with pool.acquire() as connection:
+        retries = await connection.fetchval(
+            "SELECT count(*) FROM job_events WHERE job_id = $1"
+            " AND detail->>'action' = 'retry_with_password'",
+            uuid.UUID(first.job.job_id),
+        )
+        password = await connection.fetchval(
+            "SELECT parse_password FROM upload_jobs WHERE job_id = $1",
+            uuid.UUID(first.job.job_id),
+        )
+    assert retries == 2
+    assert password is None
+
+
 # An embedding backend that returns NaN.
 
 POISON = "poisoned-chunk-marker"
