@@ -36,6 +36,8 @@ ENV_VAR = "INGESTD_FAILPOINTS"
 
 NAMES = frozenset(
     {
+        # After an upload's raw file is in place, before its rows are written.
+        "upload.before_record",
         # After the parse child returned, before the parsed text is stored.
         "parse.before_store",
         # Before the chunk stage reads the parsed text.

@@ -20,7 +20,7 @@ from ingestd.v1 import upload_service_pb2_grpc as pb_grpc
 from services.gateway import pagination
 from services.gateway.identity import IdentityCache, IdentityUnavailableError
 from services.gateway.parsing import ParseError, sniff_content_type
-from shared import ids, jobs
+from shared import failpoints, ids, jobs
 from shared.config import Settings
 from shared.errors import DATABASE_ERRORS
 from shared.grpc_server import abort, current_principal, current_user
@@ -46,6 +46,8 @@ PASSWORD_ERRORS = ("encrypted_password_required", "encrypted_password_wrong")
 WATCH_POLL_SECONDS = 2.0
 _T = TypeVar("_T")
 MAX_FILENAME_CHARS = 255
+MAX_CONTENT_TYPE_CHARS = 255
+MAX_PASSWORD_CHARS = 1024
 # Unicode categories removed from display names: controls (Cc), format
 # characters such as bidirectional overrides and zero-width spaces (Cf),
 # line and paragraph separators (Zl, Zp), surrogates (Cs) and unassigned
@@ -159,6 +161,37 @@ def display_filename(name: str) -> str:
     return name[:MAX_FILENAME_CHARS]
 
 
+def _check_metadata_text(metadata: pb.UploadMetadata) -> None:
+    """Reject metadata strings that cannot be stored as they are.
+
+    PostgreSQL text holds no NUL character, and a content type or password
+    with control characters is a client bug. The file name is exempt: it is
+    cleaned for display instead.
+    """
+    for field, value, limit in (
+        ("metadata.content_type", metadata.content_type, MAX_CONTENT_TYPE_CHARS),
+        ("metadata.password", metadata.password, MAX_PASSWORD_CHARS),
+    ):
+        if len(value) > limit:
+            raise UploadRejectedError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field} has {len(value)} characters, more than the maximum of "
+                f"{limit}; send a shorter value",
+                "BAD_METADATA",
+                field_name=field,
+            )
+        bad = next((char for char in value if unicodedata.category(char) == "Cc"), None)
+        if bad is not None:
+            shown = "a password" if field == "metadata.password" else repr(value)
+            raise UploadRejectedError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field} contains the control character U+{ord(bad):04X} in "
+                f"{shown}; send it without control characters",
+                "BAD_METADATA",
+                field_name=field,
+            )
+
+
 def declared_type_differs(declared: str, detected: str) -> bool:
     """Tell whether a declared content type names another media type than detected.
 
@@ -267,6 +300,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                             "metadata was sent twice; send it once, first"
                         )
                     metadata = message.metadata
+                    _check_metadata_text(metadata)
                     await self._check_declared_size(context, metadata)
                     writer = await self._store(context, self.storage.open_writer)
                     continue
@@ -316,18 +350,25 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             async with document_lock(self.pool, document_id) as connection:
                 await self._store(context, writer.commit, key, partial=writer)
                 committed = True
-                return await self._record_upload(
-                    connection,
-                    context,
-                    user,
-                    metadata,
-                    content_type,
-                    size,
-                    raw_sha,
-                    document_id,
-                    key,
-                    identity,
-                )
+                try:
+                    await failpoints.hit(
+                        "upload.before_record", document_id=document_id
+                    )
+                    return await self._record_upload(
+                        connection,
+                        context,
+                        user,
+                        metadata,
+                        content_type,
+                        size,
+                        raw_sha,
+                        document_id,
+                        key,
+                        identity,
+                    )
+                except Exception:
+                    await self._remove_unrecorded(connection, document_id, key)
+                    raise
         except UploadRejectedError as rejection:
             # The temporary file goes before the status, so a client that
             # sees the error never finds it.
@@ -344,6 +385,48 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         finally:
             if writer is not None and not committed:
                 await asyncio.to_thread(writer.abort)
+
+    async def _remove_unrecorded(
+        self, connection: asyncpg.Connection, document_id: uuid.UUID, key: str
+    ) -> None:
+        """Delete a committed raw file whose upload failed to record its rows.
+
+        The caller holds the document's lock, so no other upload of the same
+        bytes can record the document meanwhile. A file that an earlier
+        upload already recorded stays.
+        """
+        try:
+            known = await connection.fetchval(
+                "SELECT 1 FROM documents WHERE document_id = $1", document_id
+            )
+        except DATABASE_ERRORS:
+            log.warning(
+                "cannot tell whether the raw file of a failed upload is recorded; "
+                "keeping it",
+                extra={"event": "upload_orphan_kept", "document_id": str(document_id)},
+                exc_info=True,
+            )
+            return
+        if known is None:
+            try:
+                await asyncio.to_thread(self.storage.delete, key)
+            except OSError:
+                log.warning(
+                    "cannot remove the raw file of an upload that was not recorded",
+                    extra={
+                        "event": "upload_orphan_kept",
+                        "document_id": str(document_id),
+                    },
+                    exc_info=True,
+                )
+                return
+            log.info(
+                "removed the raw file of an upload that was not recorded",
+                extra={
+                    "event": "upload_orphan_removed",
+                    "document_id": str(document_id),
+                },
+            )
 
     async def _store(
         self,

@@ -264,6 +264,29 @@ async def test_upload_over_size_stops_stream(pipeline: Pipeline, pool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("content_type", "text/plain\x00"),
+        ("content_type", "text/" + "x" * 300),
+        ("password", "ab\x00cd"),
+        ("password", "p" * 2000),
+    ],
+)
+async def test_bad_metadata_text_rejected(
+    pipeline: Pipeline, pool, field: str, value: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await upload(pipeline, b"# Title\n\nText.\n", "doc.md", **{field: value})
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"metadata.{field}" in error.value.details()
+    assert "ab\x00cd" not in error.value.details()
+    assert not (pipeline.settings.blob_dir / "raw").exists()
+    async with pool.acquire() as connection:
+        assert await connection.fetchval("SELECT count(*) FROM documents") == 0
+
+
+@pytest.mark.parametrize(
     "settings",
     [{"max_concurrent_uploads_per_user": 2, "upload_idle_timeout_seconds": 30}],
     indirect=True,

@@ -229,6 +229,33 @@ async def test_upload_storage_failures(cluster: Cluster, settings: Settings) -> 
     await assert_serving(gateway)
 
 
+async def test_unrecorded_upload_leaves_no_raw_file(
+    cluster: Cluster, settings: Settings
+) -> None:
+    # Writing the rows fails after the raw file is in place. No API call can
+    # find or delete a file without rows, so the gateway removes it.
+    gateway, _chunker, _embedder = await cluster.start_all(
+        gateway={"failpoints": "upload.before_record=raise"}
+    )
+    assert settings.database_url is not None
+    connection = await connect(settings.database_url)
+    try:
+        async with cluster.channel() as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await upload(channel, document_text(9002, paragraphs=4), "doc.md")
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert gateway.events("upload_orphan_removed")
+        assert await count_rows(connection) == {
+            "documents": 0,
+            "upload_jobs": 0,
+            "job_events": 0,
+        }
+    finally:
+        await connection.close()
+    assert stored_files(settings.blob_dir) == []
+    await assert_serving(gateway)
+
+
 async def wait_for_failpoint(
     process: ServiceProcess, document_id: str, limit_seconds: float = 60
 ) -> None:
