@@ -8,7 +8,7 @@ from typing import Literal
 
 import platformdirs
 from limits import parse_many
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -276,7 +276,39 @@ class Settings(BaseSettings):
         return self.lease_seconds / 4
 
 
+class SettingsError(ValueError):
+    """Settings in the environment that do not validate.
+
+    The message names each variable and what is wrong with it, and never
+    shows a value: pydantic's own message prints the input, which may
+    hold the database password or the embedding API key.
+    """
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """Describe each problem on one line that names its INGESTD_ variable, without values."""
+    lines = []
+    for error in exc.errors(
+        include_input=False, include_url=False, include_context=False
+    ):
+        message = error["msg"].removeprefix("Value error, ")
+        if error["loc"]:
+            variable = "INGESTD_" + "_".join(str(part) for part in error["loc"]).upper()
+            lines.append(f"{variable}: {message}")
+        else:
+            lines.append(message)
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment; raise SettingsError when invalid."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_settings_error(exc)) from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Return the process-wide settings, read once from the environment."""
-    return Settings()
+    return load_settings()

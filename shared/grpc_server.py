@@ -14,6 +14,7 @@ import contextvars
 import dataclasses
 import logging
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,7 +34,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from shared.auth import KeyVerifier, Principal, count_active_keys, split_key
-from shared.config import Settings, get_settings
+from shared.config import Settings, SettingsError, get_settings
 from shared.db import create_pool, resolve_database_url
 from shared.errors import DATABASE_ERRORS
 from shared.ids import check_user_id
@@ -615,7 +616,12 @@ def run_service(
     build: Callable[[Runtime], Awaitable[ServiceParts]],
 ) -> None:
     """Run a service until SIGTERM or SIGINT; a second signal skips the grace period."""
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        # Logging is configured from the settings, so this goes to stderr.
+        print(f"the {name} service cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
 
     async def main() -> None:

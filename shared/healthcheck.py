@@ -10,7 +10,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.config import Settings
+from shared.config import SettingsError, load_settings
 from shared.tls import channel_credentials
 
 
@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     target = f"127.0.0.1:{args.port}"
     # A proxy named in http_proxy must not carry a check of a local port.
     options: list[tuple[str, object]] = [("grpc.enable_http_proxy", 0)]
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"healthcheck: {exc}", file=sys.stderr)
+        return 2
     if settings.tls_enabled:
         if args.server_name:
             options.append(("grpc.ssl_target_name_override", args.server_name))

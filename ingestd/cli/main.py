@@ -19,7 +19,7 @@ from ingestd.cli.client import call_metadata, open_channel, upload_requests
 from ingestd.v1 import resources_pb2, search_service_pb2, search_service_pb2_grpc
 from ingestd.v1 import upload_service_pb2 as upload_pb
 from ingestd.v1 import upload_service_pb2_grpc as upload_grpc
-from shared.config import Settings, get_settings
+from shared.config import Settings, SettingsError, get_settings
 from shared.logging import configure_logging
 
 console = Console()
@@ -107,7 +107,10 @@ def cli(
     tls: bool | None,
 ) -> None:
     """ingestd: turn documents into embedded, searchable chunks."""
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     if tls is None:
         tls = settings.tls_enabled or settings.tls_ca_file is not None
     context.obj = {
