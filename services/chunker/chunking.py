@@ -231,15 +231,19 @@ class MarkdownChunker:
         encoding = self.tokenizer.encode(piece, add_special_tokens=False)
         if len(encoding.ids) + self.special_tokens <= self.max_tokens:
             return [(start, piece)]
+        # Each part begins where the one before it ended, so characters the
+        # tokenizer drops (controls, private-use and unassigned code points)
+        # stay in the text instead of falling between two parts.
         window = self.max_tokens - self.special_tokens
         parts = []
+        begin = 0
         for first in range(0, len(encoding.ids), window):
             last = min(first + window, len(encoding.ids)) - 1
-            begin = encoding.offsets[first][0]
             finish = encoding.offsets[last][1]
             if first + window >= len(encoding.ids):
                 finish = len(piece)
             part = piece[begin:finish]
             if part.strip():
                 parts.append((start + begin, part))
+            begin = finish
         return parts
