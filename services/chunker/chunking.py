@@ -32,6 +32,9 @@ CHUNKER_NAME = "markdown-splitter"
 # or a space in the window's second half. Chunks never cross a window
 # boundary, so neighbouring windows have no overlap.
 WINDOW_CHARS = 16384
+# Raised whenever a change to this module moves chunk boundaries, so that
+# the chunker version, and with it every chunk id, changes too.
+CUT_REVISION = 2
 
 _ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$")
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
@@ -164,7 +167,7 @@ class MarkdownChunker:
         self.version = (
             f"sts-{version('semantic-text-splitter')}"
             f"-tok-{tokenizer_sha}-t{min_tokens}-{max_tokens}-o{overlap_tokens}-c{max_chars}"
-            f"-w{WINDOW_CHARS}"
+            f"-w{WINDOW_CHARS}-r{CUT_REVISION}"
         )
         self.name = CHUNKER_NAME
 
