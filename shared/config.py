@@ -94,10 +94,12 @@ class Settings(BaseSettings):
     )
 
     # Embedding.
-    embed_backend: Literal["sentence-transformers", "openai"] = Field(
+    embed_backend: Literal["sentence-transformers", "onnx", "openai"] = Field(
         default="sentence-transformers",
-        description="sentence-transformers runs the local model; openai calls an "
-        "OpenAI-compatible /embeddings endpoint at embed_api_url",
+        description="sentence-transformers runs the local model with torch; onnx "
+        "runs the same model with ONNX Runtime, exported at first use into "
+        "data_dir/models; openai calls an OpenAI-compatible /embeddings endpoint "
+        "at embed_api_url",
     )
     embed_model_path: Path | None = Field(
         default=None,
@@ -131,7 +133,9 @@ class Settings(BaseSettings):
     )
     embed_api_timeout_seconds: float = Field(default=30.0, gt=0)
     embed_threads: int = Field(
-        default=0, ge=0, description="torch threads; 0 keeps the default"
+        default=0,
+        ge=0,
+        description="torch or ONNX Runtime threads; 0 keeps the library's default",
     )
 
     # Buffer retention: buffer rows of complete jobs are archived and deleted
@@ -178,6 +182,11 @@ class Settings(BaseSettings):
     def blob_dir(self) -> Path:
         """Folder of the local blob store."""
         return self.storage_dir or self.data_dir / "blobs"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Folder of models converted at first use, such as ONNX exports."""
+        return self.data_dir / "models"
 
     @property
     def pgdata_dir(self) -> Path:
