@@ -29,6 +29,47 @@ class ParseWorker(BaseWorker):
     def __init__(self, *, storage: LocalBlobStore, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.storage = storage
+        # A child started ahead of the next document, which has imported the
+        # parser and waits for its request on stdin.
+        self._spare_child: asyncio.subprocess.Process | None = None
+
+    async def drain(self, grace_seconds: float) -> None:
+        await super().drain(grace_seconds)
+        spare, self._spare_child = self._spare_child, None
+        if spare is not None:
+            await self._stop_child(spare)
+
+    @staticmethod
+    async def _stop_child(process: asyncio.subprocess.Process) -> None:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        await process.wait()
+
+    @staticmethod
+    async def _start_child() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.gateway.parse_child",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+
+    async def _take_child(self) -> asyncio.subprocess.Process:
+        """Return the spare child (or a new one) and start the next spare."""
+        process, self._spare_child = self._spare_child, None
+        if process is None or process.returncode is not None:
+            process = await self._start_child()
+        if self.accepting_work and self._spare_child is None:
+            spare = await self._start_child()
+            # Another job may have started a spare during the await.
+            if self._spare_child is None:
+                self._spare_child = spare
+            else:
+                await self._stop_child(spare)
+        return process
 
     async def process(self, job: ClaimedJob, lease: Lease) -> None:
         if lease.status == Status.PARSE_QUEUED:
@@ -108,14 +149,7 @@ class ParseWorker(BaseWorker):
             await asyncio.to_thread(self.storage.delete, key)
 
     async def _run_child(self, request: dict[str, Any]) -> dict[str, Any]:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "services.gateway.parse_child",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process = await self._take_child()
         try:
             stdout, stderr = await asyncio.wait_for(
                 process.communicate(json.dumps(request).encode("utf-8")),
