@@ -346,6 +346,60 @@ _SETTABLE_COLUMNS = frozenset(
 )
 
 
+# One statement moves a job: the guarded UPDATE, its job_events row (only
+# when the status changes) and the notification, so a transition costs one
+# round trip. {assignments} comes from advance or update_progress, built
+# only from fixed column names. A CTE that only SELECTs runs only when
+# referenced, so the final SELECT joins "notified" to make pg_notify run.
+_TRANSITION_SQL = """
+WITH moved AS (
+    UPDATE upload_jobs SET {assignments}
+    WHERE job_id = $1 AND status = $2 AND lease_token = $3
+    RETURNING *
+),
+event AS (
+    INSERT INTO job_events (job_id, from_status, to_status, worker, lease_token, detail)
+    SELECT job_id, $2, $4, $5, $3, $6::jsonb FROM moved WHERE $4 <> $2
+),
+notified AS (
+    SELECT pg_notify('{channel}', json_build_object('job_id', job_id, 'status', $4)::text)
+    FROM moved
+)
+SELECT moved.* FROM moved, notified
+"""
+
+
+async def _transition(
+    connection: asyncpg.Connection,
+    lease: Lease,
+    to_status: Status,
+    assignments: list[str],
+    extra_values: list[Any],
+    detail: Mapping[str, Any] | None,
+) -> asyncpg.Record:
+    query = _TRANSITION_SQL.format(
+        assignments=", ".join(assignments), channel=NOTIFY_CHANNEL
+    )
+    row = await connection.fetchrow(
+        query,
+        lease.job_id,
+        str(lease.status),
+        lease.token,
+        str(to_status),
+        lease.worker,
+        dict(detail or {}),
+        *extra_values,
+    )
+    if row is None:
+        raise LeaseLostError(lease.job_id, str(lease.status))
+    lease.status = to_status
+    return row
+
+
+# Parameters $1 to $6 of _TRANSITION_SQL; a transition's own values follow.
+_FIRST_EXTRA_PARAMETER = 7
+
+
 async def advance(
     connection: asyncpg.Connection,
     lease: Lease,
@@ -359,18 +413,19 @@ async def advance(
 
     Must run inside the caller's transaction, together with the durable
     write that justifies the move. With keep_lease false the lease is
-    cleared, so the next stage can claim the job at once. Raises
-    LeaseLostError when the guard matches no row.
+    cleared, so the next stage can claim the job at once. The job_events
+    row (when the status changes) and the notification are written by the
+    same statement. Raises LeaseLostError when the guard matches no row.
     """
     columns = dict(set_columns or {})
     unknown = set(columns) - _SETTABLE_COLUMNS
     if unknown:
         raise ValueError(f"columns {sorted(unknown)} cannot be set by a transition")
     assignments = ["status = $4", "updated_at = now()"]
-    values: list[Any] = [lease.job_id, str(lease.status), lease.token, str(to_status)]
+    values: list[Any] = []
     for name, value in columns.items():
         values.append(value)
-        assignments.append(f"{name} = ${len(values)}")
+        assignments.append(f"{name} = ${_FIRST_EXTRA_PARAMETER + len(values) - 1}")
     if not keep_lease:
         # Handing the job to the next stage: the lease ends, and the claim
         # and retry counts start afresh, because they limit each stage.
@@ -382,29 +437,7 @@ async def advance(
             "lease_expires_at = NULL",
             "heartbeat_at = NULL",
         ]
-    row = await connection.fetchrow(
-        f"""
-        UPDATE upload_jobs SET {", ".join(assignments)}
-        WHERE job_id = $1 AND status = $2 AND lease_token = $3
-        RETURNING *
-        """,
-        *values,
-    )
-    if row is None:
-        raise LeaseLostError(lease.job_id, str(lease.status))
-    if to_status != lease.status:
-        await record_event(
-            connection,
-            lease.job_id,
-            str(lease.status),
-            str(to_status),
-            worker=lease.worker,
-            lease_token=lease.token,
-            detail=detail,
-        )
-    await notify(connection, lease.job_id, str(to_status))
-    lease.status = to_status
-    return row
+    return await _transition(connection, lease, to_status, assignments, values, detail)
 
 
 async def update_progress(
@@ -414,34 +447,19 @@ async def update_progress(
     progress: Mapping[str, int],
 ) -> asyncpg.Record:
     """Merge counters into the job's progress while moving it to to_status."""
-    row = await connection.fetchrow(
-        """
-        UPDATE upload_jobs
-        SET status = $4, progress = progress || $5::jsonb, updated_at = now()
-        WHERE job_id = $1 AND status = $2 AND lease_token = $3
-        RETURNING *
-        """,
-        lease.job_id,
-        str(lease.status),
-        lease.token,
-        str(to_status),
-        dict(progress),
+    assignments = [
+        "status = $4",
+        f"progress = progress || ${_FIRST_EXTRA_PARAMETER}::jsonb",
+        "updated_at = now()",
+    ]
+    return await _transition(
+        connection,
+        lease,
+        to_status,
+        assignments,
+        [dict(progress)],
+        {"progress": dict(progress)},
     )
-    if row is None:
-        raise LeaseLostError(lease.job_id, str(lease.status))
-    if to_status != lease.status:
-        await record_event(
-            connection,
-            lease.job_id,
-            str(lease.status),
-            str(to_status),
-            worker=lease.worker,
-            lease_token=lease.token,
-            detail={"progress": dict(progress)},
-        )
-    await notify(connection, lease.job_id, str(to_status))
-    lease.status = to_status
-    return row
 
 
 async def renew_lease(
