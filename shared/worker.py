@@ -85,6 +85,13 @@ class BaseWorker(ABC):
         self._running: dict[uuid.UUID, _RunningJob] = {}
         self._runners: set[asyncio.Task[None]] = set()
         self._heartbeat_pool: asyncpg.Pool | None = None
+        # While jobs run, a claim waits until this many slots are free, so a
+        # worker with many slots claims in batches instead of one claim per
+        # finished job. With the default of 2 slots it is 1: claim at once.
+        self._refill_threshold = max(
+            1,
+            min(self.settings.claim_batch_size, self.settings.max_concurrent_jobs) // 2,
+        )
         self._wake_statuses = {
             str(status)
             for status, target in self.spec.claims.items()
@@ -209,7 +216,7 @@ class BaseWorker(ABC):
             self._wake.clear()
             free = self.settings.max_concurrent_jobs - len(self._running)
             batch_full = False
-            if free > 0:
+            if free >= self._refill_threshold or (free > 0 and not self._running):
                 limit = min(free, self.settings.claim_batch_size)
                 try:
                     claimed = await self._claim(limit)
