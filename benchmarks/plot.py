@@ -65,7 +65,9 @@ def main() -> None:
         default=harness.RESULTS_DIR / "pipeline_vs_encode.json",
         help="pipeline_vs_encode result with a sweep",
     )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="PNG to write")
+    parser.add_argument(
+        "--output", type=Path, default=DEFAULT_OUTPUT, help="PNG to write"
+    )
     args = parser.parse_args()
     plot(args.result, args.output)
     print(f"plot: {args.output}")
