@@ -58,18 +58,26 @@ class ParseWorker(BaseWorker):
         )
 
     async def _take_child(self) -> asyncio.subprocess.Process:
-        """Return the spare child (or a new one) and start the next spare."""
+        """Return the spare child, or a new one when there is none."""
         process, self._spare_child = self._spare_child, None
         if process is None or process.returncode is not None:
             process = await self._start_child()
-        if self.accepting_work and self._spare_child is None:
-            spare = await self._start_child()
-            # Another job may have started a spare during the await.
-            if self._spare_child is None:
-                self._spare_child = spare
-            else:
-                await self._stop_child(spare)
         return process
+
+    async def _start_spare(self) -> None:
+        """Start the next spare child unless one exists or the worker drains."""
+        if not self.accepting_work or self._spare_child is not None:
+            return
+        spare = await self._start_child()
+        # Another job may have started a spare during the await.
+        if self._spare_child is None and self.accepting_work:
+            self._spare_child = spare
+        else:
+            await self._stop_child(spare)
+
+    async def run(self) -> None:
+        await self._start_spare()
+        await super().run()
 
     async def process(self, job: ClaimedJob, lease: Lease) -> None:
         if lease.status == Status.PARSE_QUEUED:
@@ -155,6 +163,9 @@ class ParseWorker(BaseWorker):
                 process.communicate(json.dumps(request).encode("utf-8")),
                 timeout=self.settings.parse_timeout_seconds + 10,
             )
+            # The next spare starts after this parse, so its imports do not
+            # compete with the parse for the CPU.
+            await self._start_spare()
         except TimeoutError:
             process.kill()
             await process.wait()
