@@ -136,9 +136,9 @@ class OnnxBackend:
         self._ensure_exported(model_dir, onnx_path)
 
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        # tokenizer.json ships with a 128-token limit and fixed padding, but
-        # sentence-transformers truncates at max_seq_length and pads to the
-        # longest text of a batch; set the same here.
+        # tokenizer.json ships with a 128-token limit and fixed padding.
+        # sentence-transformers truncates at max_seq_length instead, and
+        # _run pads each sub-batch to its longest text, as it does.
         self._tokenizer.enable_truncation(max_length=self.max_tokens)
         self._tokenizer.no_padding()
 

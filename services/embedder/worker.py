@@ -164,7 +164,7 @@ class EmbedWorker(BaseWorker):
         """Return one vector per chunk of batch and how many were reused.
 
         A chunk whose chunk_sha already has a searchable vector of the same
-        model and version gets a copy of that vector; only the others go
+        model and version gets a copy of that vector, and only the others go
         through the model. chunk_sha hashes the normalized text, so texts
         that differ only in trailing whitespace or line endings share it.
         """
