@@ -180,6 +180,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         rows,
     )
     if args.sweep:
+        # The sweep is long, so the pipeline figures are written first.
+        harness.write_result(
+            "pipeline_vs_encode",
+            result,
+            smoke=args.smoke,
+            results_dir=args.results_dir,
+        )
         sample = texts[: args.sweep_chunks]
         with tempfile.TemporaryDirectory(prefix="ingestd-bench-models-") as folder:
             sweep = await asyncio.to_thread(
@@ -213,7 +220,7 @@ def main() -> None:
         "--sweep", action="store_true", help="also measure backends per batch size"
     )
     parser.add_argument(
-        "--sweep-chunks", type=int, default=512, help="chunks embedded per sweep point"
+        "--sweep-chunks", type=int, default=256, help="chunks embedded per sweep point"
     )
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
