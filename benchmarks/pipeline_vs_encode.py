@@ -131,6 +131,47 @@ def run_sweep(texts: list[str], threads: int, data_dir: Path) -> list[dict[str, 
     return rows
 
 
+def chunk_texts(documents: list[Path]) -> list[str]:
+    """Cut documents into chunks in this process, as the chunker does by default."""
+    from benchmarks.pipeline_vs_llamaindex import parsed_texts
+    from services.chunker.chunking import MarkdownChunker
+    from shared.config import Settings
+
+    settings = Settings()
+    chunker = MarkdownChunker(
+        MODEL_DIR / "tokenizer.json",
+        min_tokens=settings.chunk_min_tokens,
+        max_tokens=settings.chunk_max_tokens,
+        overlap_tokens=settings.chunk_overlap_tokens,
+    )
+    return [
+        chunk.text
+        for _, text in parsed_texts(documents)
+        for chunk in chunker.chunk(text)
+    ]
+
+
+async def sweep_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure only each backend per batch size, on chunks cut in this process."""
+    documents = harness.benchmark_documents(args.smoke)
+    sample = chunk_texts(documents)[: args.sweep_chunks]
+    with tempfile.TemporaryDirectory(prefix="ingestd-bench-models-") as folder:
+        sweep = await asyncio.to_thread(run_sweep, sample, args.threads, Path(folder))
+    harness.print_table(
+        f"Backend throughput per batch size, {len(sample)} chunks",
+        ["backend", "batch size", "chunks/s"],
+        [
+            [row["backend"], row["batch_size"], row["chunks_per_second"]]
+            for row in sweep
+        ],
+    )
+    return {
+        "documents": [path.name for path in documents],
+        "threads": args.threads,
+        "sweep": {"chunks": len(sample), "rows": sweep},
+    }
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     documents = harness.benchmark_documents(args.smoke)
     backends = args.backend or list(BACKENDS)
@@ -222,7 +263,19 @@ def main() -> None:
     parser.add_argument(
         "--sweep-chunks", type=int, default=256, help="chunks embedded per sweep point"
     )
+    parser.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="measure only the backends per batch size (result: backend_sweep.json)",
+    )
     args = parser.parse_args()
+    if args.sweep_only:
+        result = asyncio.run(sweep_only(args))
+        path = harness.write_result(
+            "backend_sweep", result, smoke=args.smoke, results_dir=args.results_dir
+        )
+        print(f"\nresults: {path}")
+        return
     result = asyncio.run(main_async(args))
     path = harness.write_result(
         "pipeline_vs_encode", result, smoke=args.smoke, results_dir=args.results_dir

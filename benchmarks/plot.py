@@ -1,7 +1,7 @@
 """Plot backend throughput per batch size from a pipeline_vs_encode --sweep result.
 
 Run: ``python -m benchmarks.plot`` after ``python -m benchmarks.pipeline_vs_encode
---sweep``; it writes docs/benchmarks-throughput.png.
+--sweep-only``; it writes docs/benchmarks-throughput.png.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def main() -> None:
     parser.add_argument(
         "--result",
         type=Path,
-        default=harness.RESULTS_DIR / "pipeline_vs_encode.json",
-        help="pipeline_vs_encode result with a sweep",
+        default=harness.RESULTS_DIR / "backend_sweep.json",
+        help="pipeline_vs_encode result with a sweep (--sweep or --sweep-only)",
     )
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help="PNG to write"
