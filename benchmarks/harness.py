@@ -308,8 +308,17 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    sys.exit(128 + signum)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the --smoke and --results-dir options every benchmark takes."""
+    """Add the --smoke and --results-dir options every benchmark takes.
+
+    Also turns SIGTERM into SystemExit, so a stopped benchmark still runs its
+    cleanup: the service processes and the embedded PostgreSQL stop.
+    """
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser.add_argument(
         "--smoke", action="store_true", help="small CI-sized run; no figures to judge"
     )
