@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     backoff_base_seconds: float = Field(default=3.0, gt=0)
     backoff_max_seconds: float = Field(default=300.0, gt=0)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=600)
+    # Hand-offs of jobs whose last step writes only the job row are
+    # committed in batches (BaseWorker.hand_off): a batch is flushed at this
+    # many jobs, when every job the worker holds waits for it, or when its
+    # oldest hand-off has waited the delay.
+    # At most jobs.MAX_NOTIFY_JOB_IDS, the ids one notification carries.
+    hand_off_batch_size: int = Field(default=100, ge=1, le=100)
+    hand_off_max_delay_seconds: float = Field(default=0.005, ge=0, le=1)
 
     # Upload and parse.
     max_upload_bytes: int = Field(default=100 * MiB, ge=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -20,9 +20,15 @@ from typing import Any
 import asyncpg
 
 # Channel for every job notification. The payload is a small JSON object:
-# {"job_id": "...", "status": "..."}. The version suffix lets a later payload
-# format use a new channel while old and new replicas run side by side.
+# {"job_id": "...", "status": "..."} for one job, or
+# {"job_ids": ["...", ...], "status": "..."} for the jobs that one batched
+# hand-off moved to the same status (shared.notify.notified_job_ids reads
+# both). The version suffix lets a later payload format use a new channel
+# while old and new replicas run side by side.
 NOTIFY_CHANNEL = "ingestd_jobs_v1"
+# Job ids one notification carries at most: 100 ids of 39 bytes each keep
+# the payload well below PostgreSQL's limit of 8,000 bytes.
+MAX_NOTIFY_JOB_IDS = 100
 
 
 class Status(StrEnum):
@@ -281,10 +287,13 @@ async def claim_jobs(
     chunker_version: str | None = None,
     embed_version: str | None = None,
 ) -> list[ClaimedJob]:
-    """Claim up to limit jobs for a stage in one short transaction.
+    """Claim up to limit jobs for a stage in one statement.
 
     chunker_version and embed_version, when given, restrict the claim to
-    jobs stamped with that version.
+    jobs stamped with that version. Outside a transaction block the
+    statement is its own short transaction, which saves the BEGIN and COMMIT
+    round trips of an explicit one. Inside the caller's transaction, the row
+    locks and the claim last until that transaction ends.
     """
     query, arguments = claim_query(
         spec,
@@ -294,8 +303,7 @@ async def claim_jobs(
         chunker_version=chunker_version,
         embed_version=embed_version,
     )
-    async with connection.transaction():
-        rows = await connection.fetch(query, *arguments)
+    rows = await connection.fetch(query, *arguments)
     return [ClaimedJob.from_record(row) for row in rows]
 
 
@@ -438,6 +446,97 @@ async def advance(
             "heartbeat_at = NULL",
         ]
     return await _transition(connection, lease, to_status, assignments, values, detail)
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """One leased job to move to to_status and release to the next stage."""
+
+    job_id: uuid.UUID
+    lease_token: uuid.UUID
+    from_status: Status
+    to_status: Status
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+# Hands off many jobs in one statement, with the guard of advance for each
+# row: a row whose lease token or status no longer matches is skipped, and
+# only the rows moved get a job_events row and are named in a notification.
+# One notification per target status lists the moved job ids, because
+# WatchJob streams filter notifications by job id. The cross join with the
+# one-row count makes the "notified" CTE run, since a CTE that only SELECTs
+# runs only when referenced.
+_HAND_OFF_SQL = """
+WITH requested AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[])
+        AS r(job_id, lease_token, from_status, to_status, detail)
+),
+moved AS (
+    UPDATE upload_jobs AS j
+    SET status = r.to_status,
+        updated_at = now(),
+        attempts = 0,
+        retry_count = 0,
+        lease_token = NULL,
+        leased_by = NULL,
+        lease_expires_at = NULL,
+        heartbeat_at = NULL
+    FROM requested AS r
+    WHERE j.job_id = r.job_id
+      AND j.lease_token = r.lease_token
+      AND j.status = r.from_status
+    RETURNING r.job_id, r.lease_token, r.from_status, r.to_status, r.detail
+),
+events AS (
+    INSERT INTO job_events (job_id, from_status, to_status, worker, lease_token, detail)
+    SELECT job_id, from_status, to_status, $6, lease_token, detail
+    FROM moved
+    WHERE to_status <> from_status
+),
+notified AS (
+    SELECT pg_notify(
+        '{channel}',
+        json_build_object('job_ids', json_agg(job_id), 'status', to_status)::text
+    )
+    FROM moved
+    GROUP BY to_status
+)
+SELECT moved.job_id
+FROM moved CROSS JOIN (SELECT count(*) FROM notified) AS sent
+"""
+
+
+async def hand_off_jobs(
+    connection: asyncpg.Connection, worker: str, hand_offs: Sequence[HandOff]
+) -> set[uuid.UUID]:
+    """Move many leased jobs to their next status and clear their leases, in one statement.
+
+    Each job gets what advance(keep_lease=False) gives it: the guarded
+    update, a job_events row when the status changes, and a notification,
+    here one per target status that lists the moved jobs. Jobs whose lease
+    is gone are skipped without affecting the others. Returns the ids of the
+    jobs that moved. Run outside a transaction, the statement commits on its
+    own, so the moves are durable when it returns. Raises ValueError for
+    more than MAX_NOTIFY_JOB_IDS hand-offs.
+    """
+    if not hand_offs:
+        return set()
+    if len(hand_offs) > MAX_NOTIFY_JOB_IDS:
+        raise ValueError(
+            f"{len(hand_offs)} hand-offs in one statement; at most "
+            f"{MAX_NOTIFY_JOB_IDS} fit in one notification, so split the batch"
+        )
+    rows = await connection.fetch(
+        _HAND_OFF_SQL.format(channel=NOTIFY_CHANNEL),
+        [hand_off.job_id for hand_off in hand_offs],
+        [hand_off.lease_token for hand_off in hand_offs],
+        [str(hand_off.from_status) for hand_off in hand_offs],
+        [str(hand_off.to_status) for hand_off in hand_offs],
+        [dict(hand_off.detail) for hand_off in hand_offs],
+        worker,
+    )
+    return {row["job_id"] for row in rows}
 
 
 async def update_progress(

@@ -24,9 +24,10 @@ import asyncpg
 
 from shared import jobs
 from shared.config import Settings
-from shared.db import create_pool
+from shared.db import DedicatedConnection, create_pool
 from shared.errors import backoff_seconds, classify_error
-from shared.jobs import ClaimedJob, Lease, LeaseLostError, StageSpec
+from shared.handoff import HandOffBuffer
+from shared.jobs import ClaimedJob, Lease, LeaseLostError, StageSpec, Status
 from shared.notify import JobListener
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,20 @@ class BaseWorker(ABC):
         self._stopping = asyncio.Event()
         self._running: dict[uuid.UUID, _RunningJob] = {}
         self._runners: set[asyncio.Task[None]] = set()
+        # Running jobs that have not called hand_off yet: while none is
+        # left, no further hand-off can join a batch, so it flushes at once.
+        self._busy: set[uuid.UUID] = set()
         self._heartbeat_pool: asyncpg.Pool | None = None
+        # Claims run one after another, on a connection of their own whose
+        # commits do not wait for the WAL flush. A claim lost in a database
+        # crash leaves the job as it was before the claim, so the worker's
+        # later writes, guarded by the lost lease token, match no row. Any
+        # write that does wait for the flush makes every earlier commit
+        # durable with it, because the WAL is written in order.
+        self._claim_connection = DedicatedConnection(
+            database_url, server_settings={"synchronous_commit": "off"}
+        )
+        self._hand_offs: HandOffBuffer | None = None
         # While jobs run, a claim waits until this many slots are free, so a
         # worker with many slots claims in batches instead of one claim per
         # finished job. With the default of 2 slots it is 1: claim at once.
@@ -143,6 +157,8 @@ class BaseWorker(ABC):
             )
         self._stopping.set()
         self._wake.set()
+        if self._hand_offs is not None:
+            self._hand_offs.hurry()
 
     async def run(self) -> None:
         """Claim and run jobs until request_stop is called."""
@@ -155,6 +171,14 @@ class BaseWorker(ABC):
                 }
             ),
         )
+        self._hand_offs = HandOffBuffer(
+            self._database_url,
+            worker=self.worker_id,
+            max_batch=self.settings.hand_off_batch_size,
+            max_delay_seconds=self.settings.hand_off_max_delay_seconds,
+            busy_jobs=lambda: len(self._busy),
+        )
+        self._hand_offs.start()
         unsubscribe = self._listener.subscribe(self._on_notification)
         log.info(
             "worker started",
@@ -169,6 +193,7 @@ class BaseWorker(ABC):
             await self._claim_loop()
         finally:
             unsubscribe()
+            await self._claim_connection.close()
 
     async def drain(self, grace_seconds: float) -> None:
         """Let running jobs finish within grace_seconds, then release the rest.
@@ -195,6 +220,8 @@ class BaseWorker(ABC):
                     running.releasing = True
                     running.work.cancel()
                 await asyncio.wait(pending)
+        if self._hand_offs is not None:
+            await self._hand_offs.close()
         if self._heartbeat_pool is not None:
             await self._heartbeat_pool.close()
             self._heartbeat_pool = None
@@ -223,6 +250,7 @@ class BaseWorker(ABC):
                     failures = 0
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     failures += 1
+                    await self._claim_connection.discard()
                     delay = backoff_seconds(
                         failures - 1,
                         base=0.5,
@@ -252,16 +280,19 @@ class BaseWorker(ABC):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
-        async with self.pool.acquire() as connection:
-            claimed = await jobs.claim_jobs(
-                connection,
-                self.spec,
-                worker=self.worker_id,
-                limit=limit,
-                lease_seconds=self.settings.lease_seconds,
-                chunker_version=self.chunker_version,
-                embed_version=self.embed_version,
-            )
+        claimed = await jobs.claim_jobs(
+            await self._claim_connection.get(),
+            self.spec,
+            worker=self.worker_id,
+            limit=limit,
+            lease_seconds=self.settings.lease_seconds,
+            chunker_version=self.chunker_version,
+            embed_version=self.embed_version,
+        )
+        # The per-job records are built only when they will be written: at
+        # thousands of jobs a second their dictionaries cost measurable time.
+        if not log.isEnabledFor(logging.INFO):
+            return claimed
         for job in claimed:
             log.info(
                 "claimed job",
@@ -281,6 +312,7 @@ class BaseWorker(ABC):
             self._process_or_expire(job, lease), name=f"{self.spec.name}:{job.job_id}"
         )
         self._running[job.job_id] = _RunningJob(job, lease, work)
+        self._busy.add(job.job_id)
         runner = asyncio.create_task(
             self._supervise(job.job_id), name=f"supervise:{job.job_id}"
         )
@@ -291,6 +323,26 @@ class BaseWorker(ABC):
         if job.attempts > job.max_attempts:
             raise _AttemptsExhausted(job.attempts - 1)
         await self.process(job, lease)
+
+    async def hand_off(
+        self,
+        lease: Lease,
+        to_status: Status,
+        *,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Move the job to to_status and clear its lease, batched with other jobs.
+
+        For a last step whose only write is the job row: a step whose output
+        must commit together with the move uses jobs.advance in its own
+        transaction instead. Returns once the move is committed, with its
+        job_events row and notification. Raises LeaseLostError when the
+        lease is gone.
+        """
+        if self._hand_offs is None:
+            raise RuntimeError("hand_off needs a running worker: call run() first")
+        self._busy.discard(lease.job_id)
+        await self._hand_offs.hand_off(lease, to_status, detail)
 
     # Running one job ------------------------------------------------------
 
@@ -326,15 +378,17 @@ class BaseWorker(ABC):
             await asyncio.shield(self._handle_failure(job, lease, exc))
         else:
             self.counters.succeeded += 1
-            log.info(
-                "stage finished",
-                extra=self._fields(job, "stage_finished", status=str(lease.status)),
-            )
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "stage finished",
+                    extra=self._fields(job, "stage_finished", status=str(lease.status)),
+                )
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             self._running.pop(job_id, None)
+            self._busy.discard(job_id)
             self._wake.set()
 
     async def _heartbeat(self, running: _RunningJob) -> None:

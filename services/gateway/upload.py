@@ -22,7 +22,7 @@ from shared import ids, jobs
 from shared.config import Settings
 from shared.grpc_server import abort, current_user
 from shared.jobs import RETRY_TARGETS, TERMINAL_STATUSES, Status
-from shared.notify import JobListener
+from shared.notify import JobListener, notified_job_ids
 from shared.proto_convert import document_to_proto, job_to_proto, status_from_proto
 from shared.storage import BlobWriter, LocalBlobStore, parsed_key, raw_key
 
@@ -446,7 +446,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         job_key = str(row["job_id"])
 
         def on_notification(payload: dict[str, Any] | None) -> None:
-            if payload is None or payload.get("job_id") == job_key:
+            if payload is None or job_key in notified_job_ids(payload):
                 changed.set()
 
         unsubscribe = self.listener.subscribe(on_notification)
