@@ -85,7 +85,7 @@ class BaseWorker(ABC):
         self._stopping = asyncio.Event()
         self._running: dict[uuid.UUID, _RunningJob] = {}
         self._runners: set[asyncio.Task[None]] = set()
-        # Running jobs that have not called hand_off yet: while none is
+        # Running jobs that have not called hand_off yet. While none is
         # left, no further hand-off can join a batch, so it flushes at once.
         self._busy: set[uuid.UUID] = set()
         self._heartbeat_pool: asyncpg.Pool | None = None
@@ -333,9 +333,9 @@ class BaseWorker(ABC):
     ) -> None:
         """Move the job to to_status and clear its lease, batched with other jobs.
 
-        For a last step whose only write is the job row: a step whose output
-        must commit together with the move uses jobs.advance in its own
-        transaction instead. Returns once the move is committed, with its
+        Only for a last step whose only write is the job row. A step whose
+        output must commit together with the move uses jobs.advance in its
+        own transaction instead. Returns once the move is committed, with its
         job_events row and notification. Raises LeaseLostError when the
         lease is gone.
         """
