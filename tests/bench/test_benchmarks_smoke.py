@@ -80,13 +80,16 @@ def test_queue_vs_pgqueuer_smoke(tmp_path: Path) -> None:
     pairs = {(run["system"], run["workers"]) for run in result["runs"]}
     assert pairs == {
         ("ingestd", 1),
+        ("ingestd-transaction", 1),
         ("pgqueuer", 1),
         ("ingestd", 4),
+        ("ingestd-transaction", 4),
         ("pgqueuer", 4),
     }
     for run in result["runs"]:
         assert run["jobs_not_done_after_stop"] == 0, run
     assert set(result["ratio_ingestd_to_pgqueuer"]) == {"1", "4"}
+    assert set(result["ratio_ingestd_transaction_to_pgqueuer"]) == {"1", "4"}
 
 
 def test_latency_smoke(tmp_path: Path) -> None:
@@ -96,6 +99,20 @@ def test_latency_smoke(tmp_path: Path) -> None:
         assert sample["chunks"] > 0
         assert sample["model_seconds"] > 0
         assert sample["seconds"] > 0
+        # Every stage left its events, so every phase was measured.
+        assert set(sample["phases_ms"]) == {
+            "upload",
+            "parse wake-up and claim",
+            "parse",
+            "validate",
+            "chunk wake-up and claim",
+            "chunk",
+            "embed wake-up and claim",
+            "embed",
+            "finalize",
+            "complete notification received",
+        }
+    assert set(result["median_phases_ms"]) == set(result["samples"][0]["phases_ms"])
 
 
 def test_memory_smoke(tmp_path: Path) -> None:
