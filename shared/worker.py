@@ -349,8 +349,18 @@ class BaseWorker(ABC):
     async def _supervise(self, job_id: uuid.UUID) -> None:
         running = self._running[job_id]
         job, lease = running.job, running.lease
-        heartbeat = asyncio.create_task(
-            self._heartbeat(running), name=f"heartbeat:{job_id}"
+        heartbeat: asyncio.Task[None] | None = None
+
+        def start_heartbeat() -> None:
+            nonlocal heartbeat
+            heartbeat = asyncio.create_task(
+                self._heartbeat(running), name=f"heartbeat:{job_id}"
+            )
+
+        # A timer until the first renewal, so that a job finishing within
+        # one heartbeat interval never needs a heartbeat task of its own.
+        first_beat = asyncio.get_running_loop().call_later(
+            self.settings.heartbeat_interval_seconds(), start_heartbeat
         )
         try:
             await running.work
@@ -384,18 +394,20 @@ class BaseWorker(ABC):
                     extra=self._fields(job, "stage_finished", status=str(lease.status)),
                 )
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            first_beat.cancel()
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
             self._running.pop(job_id, None)
             self._busy.discard(job_id)
             self._wake.set()
 
     async def _heartbeat(self, running: _RunningJob) -> None:
+        """Renew the lease now and then every heartbeat interval."""
         interval = self.settings.heartbeat_interval_seconds()
         lease = running.lease
         while True:
-            await asyncio.sleep(interval)
             assert self._heartbeat_pool is not None
             try:
                 async with self._heartbeat_pool.acquire() as connection:
@@ -411,11 +423,12 @@ class BaseWorker(ABC):
                         running.job, "heartbeat_failed", reason=str(exc)
                     ),
                 )
-                continue
-            if expires is None:
-                lease.lost = True
-                running.work.cancel()
-                return
+            else:
+                if expires is None:
+                    lease.lost = True
+                    running.work.cancel()
+                    return
+            await asyncio.sleep(interval)
 
     def _lease_lost(self, job: ClaimedJob, reason: str) -> None:
         self.counters.leases_lost += 1
