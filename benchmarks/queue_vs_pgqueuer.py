@@ -16,6 +16,10 @@ ingestd that is after the commit of its move, for pgqueuer before its
 completion is flushed, which pgqueuer buffers per batch. Both databases
 are analyzed after the jobs are inserted.
 
+The runs repeat in rounds (``--rounds``), and each reported ratio is the
+median of the per-round ratios, because one run lasts about a second and
+the load of a shared machine changes from run to run.
+
 Run: ``python -m benchmarks.queue_vs_pgqueuer`` (``--smoke`` for the small
 CI size).
 """
@@ -26,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import multiprocessing
+import statistics
 import time
 from datetime import timedelta
 from typing import Any
@@ -229,65 +234,116 @@ def run_one(server_url: str, system: str, workers: int, total: int) -> dict[str,
     }
 
 
+def run_rounds(server_url: str, total: int, rounds: int) -> list[dict[str, Any]]:
+    """Run every system at every concurrency, rounds times over.
+
+    Each round runs the systems back to back, so the two sides of a ratio
+    see about the same load, and rotates their order, so none always runs
+    first.
+    """
+    runs = []
+    for round_number in range(rounds):
+        order = (
+            SYSTEMS[round_number % len(SYSTEMS) :]
+            + SYSTEMS[: round_number % len(SYSTEMS)]
+        )
+        for workers in CONCURRENCIES:
+            for system in order:
+                run = run_one(server_url, system, workers, total)
+                run["round"] = round_number + 1
+                runs.append(run)
+    return runs
+
+
+def round_ratios(runs: list[dict[str, Any]], system: str, workers: int) -> list[float]:
+    """Return system's jobs/s over pgqueuer's at one concurrency, one per round."""
+    rates: dict[tuple[str, int], float] = {
+        (run["system"], run["round"]): run["jobs_per_second"]
+        for run in runs
+        if run["workers"] == workers
+    }
+    rounds = sorted({run["round"] for run in runs})
+    return [rates[system, number] / rates["pgqueuer", number] for number in rounds]
+
+
+def median_ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Return, per ingestd system and concurrency, the round ratios and their median."""
+    summary: dict[str, dict[str, Any]] = {}
+    for system in ("ingestd", "ingestd-transaction"):
+        summary[system] = {}
+        for workers in CONCURRENCIES:
+            ratios = round_ratios(runs, system, workers)
+            summary[system][str(workers)] = {
+                "per_round": ratios,
+                "median": statistics.median(ratios),
+            }
+    return summary
+
+
+def print_runs(runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]]) -> None:
+    rows = [
+        [
+            run["system"],
+            run["workers"],
+            run["round"],
+            run["jobs"],
+            run["seconds"],
+            run["jobs_per_second"],
+            run["jobs_not_done_after_stop"],
+        ]
+        for run in runs
+    ]
+    for workers in CONCURRENCIES:
+        for system, ratios in summary.items():
+            median = ratios[str(workers)]["median"]
+            rows.append(
+                [f"median ratio {system} / pgqueuer", workers, "", "", "", median, ""]
+            )
+    harness.print_table(
+        "No-op jobs: BaseWorker vs pgqueuer",
+        ["system", "workers", "round", "jobs", "seconds", "jobs/s", "not done"],
+        rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_common_arguments(parser)
     parser.add_argument("--jobs", type=int, default=None, help="jobs per run")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of all runs; the ratios reported are the medians over the "
+        "rounds (default: 3, or 1 with --smoke)",
+    )
     args = parser.parse_args()
     total = args.jobs or (200 if args.smoke else 5000)
-    runs = []
+    rounds = args.rounds or (1 if args.smoke else 3)
+
     with harness.embedded_postgres() as server_url:
-        for workers in CONCURRENCIES:
-            for system in SYSTEMS:
-                runs.append(run_one(server_url, system, workers, total))
-    rows = []
-    ratios = {}
-    transaction_ratios = {}
-    for workers in CONCURRENCIES:
-        ours, transaction, peer = (
-            next(r for r in runs if r["system"] == name and r["workers"] == workers)
-            for name in SYSTEMS
-        )
-        ratios[str(workers)] = ours["jobs_per_second"] / peer["jobs_per_second"]
-        transaction_ratios[str(workers)] = (
-            transaction["jobs_per_second"] / peer["jobs_per_second"]
-        )
-        for run in (ours, transaction, peer):
-            rows.append(
-                [
-                    run["system"],
-                    workers,
-                    run["jobs"],
-                    run["seconds"],
-                    run["jobs_per_second"],
-                    run["jobs_not_done_after_stop"],
-                ]
-            )
-        rows.append(
-            ["ratio ingestd / pgqueuer", workers, "", "", ratios[str(workers)], ""]
-        )
-        rows.append(
-            [
-                "ratio ingestd-transaction / pgqueuer",
-                workers,
-                "",
-                "",
-                transaction_ratios[str(workers)],
-                "",
-            ]
-        )
-    harness.print_table(
-        "No-op jobs: BaseWorker vs pgqueuer",
-        ["system", "workers", "jobs", "seconds", "jobs/s", "not done"],
-        rows,
-    )
+        runs = run_rounds(server_url, total, rounds)
+    summary = median_ratios(runs)
+    print_runs(runs, summary)
+
+    medians = {
+        system: {workers: ratio["median"] for workers, ratio in ratios.items()}
+        for system, ratios in summary.items()
+    }
     path = harness.write_result(
         "queue_vs_pgqueuer",
         {
             "batch_size": BATCH_SIZE,
+            "rounds": rounds,
             "runs": runs,
-            "ratio_ingestd_to_pgqueuer": ratios,
-            "ratio_ingestd_transaction_to_pgqueuer": transaction_ratios,
+            "ratio_ingestd_to_pgqueuer": medians["ingestd"],
+            "ratio_ingestd_transaction_to_pgqueuer": medians["ingestd-transaction"],
+            "ratios_per_round": {
+                system: {
+                    workers: ratio["per_round"] for workers, ratio in ratios.items()
+                }
+                for system, ratios in summary.items()
+            },
         },
         smoke=args.smoke,
         results_dir=args.results_dir,
