@@ -16,4 +16,5 @@ target="."
 if [ -n "${1:-}" ]; then
     target=".[$1]"
 fi
-.venv/bin/python -m pip install --quiet -e "$target"
+# torch is named again so that no extra can move it off the pin.
+.venv/bin/python -m pip install --quiet -e "$target" "torch==2.13.0"

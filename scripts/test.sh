@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Install ingestd with its dev extra, then run the checks and the test suite.
+# Install ingestd with its dev and bench extras, then run the checks and the test suite.
 # Tests start their own embedded PostgreSQL; nothing else needs to run.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-"$root/scripts/bootstrap.sh" dev
+"$root/scripts/bootstrap.sh" dev,bench
 cd "$root"
 export PATH="$root/.venv/bin:$PATH"
 echo "== ruff"

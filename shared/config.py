@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     backoff_base_seconds: float = Field(default=3.0, gt=0)
     backoff_max_seconds: float = Field(default=300.0, gt=0)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=600)
+    # Hand-offs of jobs whose last step writes only the job row are
+    # committed in batches (BaseWorker.hand_off): a batch is flushed at this
+    # many jobs, when every job the worker holds waits for it, or when its
+    # oldest hand-off has waited the delay.
+    # At most jobs.MAX_NOTIFY_JOB_IDS, the ids one notification carries.
+    hand_off_batch_size: int = Field(default=100, ge=1, le=100)
+    hand_off_max_delay_seconds: float = Field(default=0.005, ge=0, le=1)
 
     # Upload and parse.
     max_upload_bytes: int = Field(default=100 * MiB, ge=1)
@@ -150,10 +157,12 @@ class Settings(BaseSettings):
     )
 
     # Embedding.
-    embed_backend: Literal["sentence-transformers", "openai"] = Field(
+    embed_backend: Literal["sentence-transformers", "onnx", "openai"] = Field(
         default="sentence-transformers",
-        description="sentence-transformers runs the local model; openai calls an "
-        "OpenAI-compatible /embeddings endpoint at embed_api_url",
+        description="sentence-transformers runs the local model with torch; onnx "
+        "runs the same model with ONNX Runtime, exported at first use into "
+        "data_dir/models; openai calls an OpenAI-compatible /embeddings endpoint "
+        "at embed_api_url",
     )
     embed_model_path: Path | None = Field(
         default=None,
@@ -187,7 +196,9 @@ class Settings(BaseSettings):
     )
     embed_api_timeout_seconds: float = Field(default=30.0, gt=0)
     embed_threads: int = Field(
-        default=0, ge=0, description="torch threads; 0 keeps the default"
+        default=0,
+        ge=0,
+        description="torch or ONNX Runtime threads; 0 keeps the library's default",
     )
 
     # Buffer retention: buffer rows of complete jobs are archived and deleted
@@ -250,6 +261,11 @@ class Settings(BaseSettings):
     def blob_dir(self) -> Path:
         """Folder of the local blob store."""
         return self.storage_dir or self.data_dir / "blobs"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Folder of models converted at first use, such as ONNX exports."""
+        return self.data_dir / "models"
 
     @property
     def pgdata_dir(self) -> Path:

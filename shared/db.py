@@ -67,9 +67,16 @@ async def init_connection(connection: asyncpg.Connection) -> None:
     await register_vector(connection)
 
 
-async def connect(url: str) -> asyncpg.Connection:
-    """Open one connection with ingestd's codecs, for listeners and heartbeats."""
-    connection = await asyncpg.connect(asyncpg_dsn(url))
+async def connect(
+    url: str, server_settings: dict[str, str] | None = None
+) -> asyncpg.Connection:
+    """Open one connection with ingestd's codecs, for listeners and heartbeats.
+
+    server_settings are PostgreSQL settings for the session, sent at connect.
+    """
+    connection = await asyncpg.connect(
+        asyncpg_dsn(url), server_settings=server_settings
+    )
     await init_connection(connection)
     return connection
 
@@ -88,3 +95,42 @@ async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
     if pool is None:
         raise RuntimeError("asyncpg.create_pool returned no pool")
     return pool
+
+
+class DedicatedConnection:
+    """One connection for one sequential user, opened on first use and after a failure.
+
+    It spares a loop that runs one statement after another the acquire and
+    the reset round trip that a pool adds to every use.
+    """
+
+    def __init__(self, url: str, server_settings: dict[str, str] | None = None) -> None:
+        self._url = url
+        self._server_settings = server_settings
+        self._connection: asyncpg.Connection | None = None
+
+    async def get(self) -> asyncpg.Connection:
+        """Return the open connection, connecting first when there is none."""
+        if self._connection is None or self._connection.is_closed():
+            self._connection = await connect(self._url, self._server_settings)
+        return self._connection
+
+    def usable(self) -> bool:
+        """True while a connection is open and outside a transaction."""
+        return (
+            self._connection is not None
+            and not self._connection.is_closed()
+            and not self._connection.is_in_transaction()
+        )
+
+    async def discard(self) -> None:
+        """Close the connection after a failure, so the next get() opens a new one."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            connection.terminate()
+
+    async def close(self) -> None:
+        """Close the connection."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            await connection.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -20,9 +20,15 @@ from typing import Any
 import asyncpg
 
 # Channel for every job notification. The payload is a small JSON object:
-# {"job_id": "...", "status": "..."}. The version suffix lets a later payload
-# format use a new channel while old and new replicas run side by side.
+# {"job_id": "...", "status": "..."} for one job, or
+# {"job_ids": ["...", ...], "status": "..."} for the jobs that one batched
+# hand-off moved to the same status (shared.notify.notified_job_ids reads
+# both). The version suffix lets a later payload format use a new channel
+# while old and new replicas run side by side.
 NOTIFY_CHANNEL = "ingestd_jobs_v1"
+# Job ids one notification carries at most: 100 ids of 39 bytes each keep
+# the payload well below PostgreSQL's limit of 8,000 bytes.
+MAX_NOTIFY_JOB_IDS = 100
 
 
 class Status(StrEnum):
@@ -281,10 +287,13 @@ async def claim_jobs(
     chunker_version: str | None = None,
     embed_version: str | None = None,
 ) -> list[ClaimedJob]:
-    """Claim up to limit jobs for a stage in one short transaction.
+    """Claim up to limit jobs for a stage in one statement.
 
     chunker_version and embed_version, when given, restrict the claim to
-    jobs stamped with that version.
+    jobs stamped with that version. Outside a transaction block the
+    statement is its own short transaction, which saves the BEGIN and COMMIT
+    round trips of an explicit one. Inside the caller's transaction, the row
+    locks and the claim last until that transaction ends.
     """
     query, arguments = claim_query(
         spec,
@@ -294,8 +303,7 @@ async def claim_jobs(
         chunker_version=chunker_version,
         embed_version=embed_version,
     )
-    async with connection.transaction():
-        rows = await connection.fetch(query, *arguments)
+    rows = await connection.fetch(query, *arguments)
     return [ClaimedJob.from_record(row) for row in rows]
 
 
@@ -346,6 +354,60 @@ _SETTABLE_COLUMNS = frozenset(
 )
 
 
+# One statement moves a job: the guarded UPDATE, its job_events row (only
+# when the status changes) and the notification, so a transition costs one
+# round trip. {assignments} comes from advance or update_progress, built
+# only from fixed column names. A CTE that only SELECTs runs only when
+# referenced, so the final SELECT joins "notified" to make pg_notify run.
+_TRANSITION_SQL = """
+WITH moved AS (
+    UPDATE upload_jobs SET {assignments}
+    WHERE job_id = $1 AND status = $2 AND lease_token = $3
+    RETURNING *
+),
+event AS (
+    INSERT INTO job_events (job_id, from_status, to_status, worker, lease_token, detail)
+    SELECT job_id, $2, $4, $5, $3, $6::jsonb FROM moved WHERE $4 <> $2
+),
+notified AS (
+    SELECT pg_notify('{channel}', json_build_object('job_id', job_id, 'status', $4)::text)
+    FROM moved
+)
+SELECT moved.* FROM moved, notified
+"""
+
+
+async def _transition(
+    connection: asyncpg.Connection,
+    lease: Lease,
+    to_status: Status,
+    assignments: list[str],
+    extra_values: list[Any],
+    detail: Mapping[str, Any] | None,
+) -> asyncpg.Record:
+    query = _TRANSITION_SQL.format(
+        assignments=", ".join(assignments), channel=NOTIFY_CHANNEL
+    )
+    row = await connection.fetchrow(
+        query,
+        lease.job_id,
+        str(lease.status),
+        lease.token,
+        str(to_status),
+        lease.worker,
+        dict(detail or {}),
+        *extra_values,
+    )
+    if row is None:
+        raise LeaseLostError(lease.job_id, str(lease.status))
+    lease.status = to_status
+    return row
+
+
+# Parameters $1 to $6 of _TRANSITION_SQL; a transition's own values follow.
+_FIRST_EXTRA_PARAMETER = 7
+
+
 async def advance(
     connection: asyncpg.Connection,
     lease: Lease,
@@ -359,18 +421,19 @@ async def advance(
 
     Must run inside the caller's transaction, together with the durable
     write that justifies the move. With keep_lease false the lease is
-    cleared, so the next stage can claim the job at once. Raises
-    LeaseLostError when the guard matches no row.
+    cleared, so the next stage can claim the job at once. The job_events
+    row (when the status changes) and the notification are written by the
+    same statement. Raises LeaseLostError when the guard matches no row.
     """
     columns = dict(set_columns or {})
     unknown = set(columns) - _SETTABLE_COLUMNS
     if unknown:
         raise ValueError(f"columns {sorted(unknown)} cannot be set by a transition")
     assignments = ["status = $4", "updated_at = now()"]
-    values: list[Any] = [lease.job_id, str(lease.status), lease.token, str(to_status)]
+    values: list[Any] = []
     for name, value in columns.items():
         values.append(value)
-        assignments.append(f"{name} = ${len(values)}")
+        assignments.append(f"{name} = ${_FIRST_EXTRA_PARAMETER + len(values) - 1}")
     if not keep_lease:
         # Handing the job to the next stage: the lease ends, and the claim
         # and retry counts start afresh, because they limit each stage.
@@ -382,29 +445,98 @@ async def advance(
             "lease_expires_at = NULL",
             "heartbeat_at = NULL",
         ]
-    row = await connection.fetchrow(
-        f"""
-        UPDATE upload_jobs SET {", ".join(assignments)}
-        WHERE job_id = $1 AND status = $2 AND lease_token = $3
-        RETURNING *
-        """,
-        *values,
+    return await _transition(connection, lease, to_status, assignments, values, detail)
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """One leased job to move to to_status and release to the next stage."""
+
+    job_id: uuid.UUID
+    lease_token: uuid.UUID
+    from_status: Status
+    to_status: Status
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+# Hands off many jobs in one statement, with the guard of advance for each
+# row: a row whose lease token or status no longer matches is skipped, and
+# only the rows moved get a job_events row and are named in a notification.
+# One notification per target status lists the moved job ids, because
+# WatchJob streams filter notifications by job id. The cross join with the
+# one-row count makes the "notified" CTE run, since a CTE that only SELECTs
+# runs only when referenced.
+_HAND_OFF_SQL = """
+WITH requested AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[])
+        AS r(job_id, lease_token, from_status, to_status, detail)
+),
+moved AS (
+    UPDATE upload_jobs AS j
+    SET status = r.to_status,
+        updated_at = now(),
+        attempts = 0,
+        retry_count = 0,
+        lease_token = NULL,
+        leased_by = NULL,
+        lease_expires_at = NULL,
+        heartbeat_at = NULL
+    FROM requested AS r
+    WHERE j.job_id = r.job_id
+      AND j.lease_token = r.lease_token
+      AND j.status = r.from_status
+    RETURNING r.job_id, r.lease_token, r.from_status, r.to_status, r.detail
+),
+events AS (
+    INSERT INTO job_events (job_id, from_status, to_status, worker, lease_token, detail)
+    SELECT job_id, from_status, to_status, $6, lease_token, detail
+    FROM moved
+    WHERE to_status <> from_status
+),
+notified AS (
+    SELECT pg_notify(
+        '{channel}',
+        json_build_object('job_ids', json_agg(job_id), 'status', to_status)::text
     )
-    if row is None:
-        raise LeaseLostError(lease.job_id, str(lease.status))
-    if to_status != lease.status:
-        await record_event(
-            connection,
-            lease.job_id,
-            str(lease.status),
-            str(to_status),
-            worker=lease.worker,
-            lease_token=lease.token,
-            detail=detail,
+    FROM moved
+    GROUP BY to_status
+)
+SELECT moved.job_id
+FROM moved CROSS JOIN (SELECT count(*) FROM notified) AS sent
+"""
+
+
+async def hand_off_jobs(
+    connection: asyncpg.Connection, worker: str, hand_offs: Sequence[HandOff]
+) -> set[uuid.UUID]:
+    """Move many leased jobs to their next status and clear their leases, in one statement.
+
+    Each job gets what advance(keep_lease=False) gives it: the guarded
+    update, a job_events row when the status changes, and a notification,
+    here one per target status that lists the moved jobs. Jobs whose lease
+    is gone are skipped without affecting the others. Returns the ids of the
+    jobs that moved. Run outside a transaction, the statement commits on its
+    own, so the moves are durable when it returns. Raises ValueError for
+    more than MAX_NOTIFY_JOB_IDS hand-offs.
+    """
+    if not hand_offs:
+        return set()
+    if len(hand_offs) > MAX_NOTIFY_JOB_IDS:
+        raise ValueError(
+            f"{len(hand_offs)} hand-offs in one statement; at most "
+            f"{MAX_NOTIFY_JOB_IDS} fit in one notification, so split the batch"
         )
-    await notify(connection, lease.job_id, str(to_status))
-    lease.status = to_status
-    return row
+    rows = await connection.fetch(
+        _HAND_OFF_SQL.format(channel=NOTIFY_CHANNEL),
+        [hand_off.job_id for hand_off in hand_offs],
+        [hand_off.lease_token for hand_off in hand_offs],
+        [str(hand_off.from_status) for hand_off in hand_offs],
+        [str(hand_off.to_status) for hand_off in hand_offs],
+        [dict(hand_off.detail) for hand_off in hand_offs],
+        worker,
+    )
+    return {row["job_id"] for row in rows}
 
 
 async def update_progress(
@@ -414,34 +546,19 @@ async def update_progress(
     progress: Mapping[str, int],
 ) -> asyncpg.Record:
     """Merge counters into the job's progress while moving it to to_status."""
-    row = await connection.fetchrow(
-        """
-        UPDATE upload_jobs
-        SET status = $4, progress = progress || $5::jsonb, updated_at = now()
-        WHERE job_id = $1 AND status = $2 AND lease_token = $3
-        RETURNING *
-        """,
-        lease.job_id,
-        str(lease.status),
-        lease.token,
-        str(to_status),
-        dict(progress),
+    assignments = [
+        "status = $4",
+        f"progress = progress || ${_FIRST_EXTRA_PARAMETER}::jsonb",
+        "updated_at = now()",
+    ]
+    return await _transition(
+        connection,
+        lease,
+        to_status,
+        assignments,
+        [dict(progress)],
+        {"progress": dict(progress)},
     )
-    if row is None:
-        raise LeaseLostError(lease.job_id, str(lease.status))
-    if to_status != lease.status:
-        await record_event(
-            connection,
-            lease.job_id,
-            str(lease.status),
-            str(to_status),
-            worker=lease.worker,
-            lease_token=lease.token,
-            detail={"progress": dict(progress)},
-        )
-    await notify(connection, lease.job_id, str(to_status))
-    lease.status = to_status
-    return row
 
 
 async def renew_lease(

@@ -29,6 +29,18 @@ log = logging.getLogger(__name__)
 Subscriber = Callable[[dict[str, Any] | None], None]
 
 
+def notified_job_ids(payload: dict[str, Any]) -> list[str]:
+    """Return the ids of the jobs a notification payload names.
+
+    A payload names one job under "job_id", or the jobs of one batched
+    hand-off under "job_ids".
+    """
+    if "job_ids" in payload:
+        return [str(job_id) for job_id in payload["job_ids"]]
+    job_id = payload.get("job_id")
+    return [str(job_id)] if job_id is not None else []
+
+
 class JobListener:
     """Delivers job notifications to in-process subscribers."""
 

@@ -24,9 +24,10 @@ import asyncpg
 
 from shared import jobs
 from shared.config import Settings
-from shared.db import create_pool
+from shared.db import DedicatedConnection, create_pool
 from shared.errors import DATABASE_ERRORS, backoff_seconds, classify_error
-from shared.jobs import ClaimedJob, Lease, LeaseLostError, StageSpec
+from shared.handoff import HandOffBuffer
+from shared.jobs import ClaimedJob, Lease, LeaseLostError, StageSpec, Status
 from shared.notify import JobListener
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,27 @@ class BaseWorker(ABC):
         self._stopping = asyncio.Event()
         self._running: dict[uuid.UUID, _RunningJob] = {}
         self._runners: set[asyncio.Task[None]] = set()
+        # Running jobs that have not called hand_off yet. While none is
+        # left, no further hand-off can join a batch, so it flushes at once.
+        self._busy: set[uuid.UUID] = set()
         self._heartbeat_pool: asyncpg.Pool | None = None
+        # Claims run one after another, on a connection of their own whose
+        # commits do not wait for the WAL flush. A claim lost in a database
+        # crash leaves the job as it was before the claim, so the worker's
+        # later writes, guarded by the lost lease token, match no row. Any
+        # write that does wait for the flush makes every earlier commit
+        # durable with it, because the WAL is written in order.
+        self._claim_connection = DedicatedConnection(
+            database_url, server_settings={"synchronous_commit": "off"}
+        )
+        self._hand_offs: HandOffBuffer | None = None
+        # While jobs run, a claim waits until this many slots are free, so a
+        # worker with many slots claims in batches instead of one claim per
+        # finished job. With the default of 2 slots it is 1: claim at once.
+        self._refill_threshold = max(
+            1,
+            min(self.settings.claim_batch_size, self.settings.max_concurrent_jobs) // 2,
+        )
         self._wake_statuses = {
             str(status)
             for status, target in self.spec.claims.items()
@@ -139,12 +160,22 @@ class BaseWorker(ABC):
             )
         self._stopping.set()
         self._wake.set()
+        if self._hand_offs is not None:
+            self._hand_offs.hurry()
 
     async def run(self) -> None:
         """Claim and run jobs until request_stop is called."""
         self._heartbeat_pool = await self._open_heartbeat_pool()
         if self._heartbeat_pool is None:
             return
+        self._hand_offs = HandOffBuffer(
+            self._database_url,
+            worker=self.worker_id,
+            max_batch=self.settings.hand_off_batch_size,
+            max_delay_seconds=self.settings.hand_off_max_delay_seconds,
+            busy_jobs=lambda: len(self._busy),
+        )
+        self._hand_offs.start()
         unsubscribe = self._listener.subscribe(self._on_notification)
         log.info(
             "worker started",
@@ -159,6 +190,7 @@ class BaseWorker(ABC):
             await self._claim_loop()
         finally:
             unsubscribe()
+            await self._claim_connection.close()
 
     async def _open_heartbeat_pool(self) -> asyncpg.Pool | None:
         """Create the heartbeat pool, retrying until the database answers.
@@ -213,6 +245,8 @@ class BaseWorker(ABC):
                     running.releasing = True
                     running.work.cancel()
                 await asyncio.wait(pending)
+        if self._hand_offs is not None:
+            await self._hand_offs.close()
         if self._heartbeat_pool is not None:
             await self._heartbeat_pool.close()
             self._heartbeat_pool = None
@@ -234,7 +268,7 @@ class BaseWorker(ABC):
             self._wake.clear()
             free = self.settings.max_concurrent_jobs - len(self._running)
             batch_full = False
-            if free > 0:
+            if free >= self._refill_threshold or (free > 0 and not self._running):
                 limit = min(free, self.settings.claim_batch_size)
                 try:
                     claimed = await self._claim(limit)
@@ -243,6 +277,7 @@ class BaseWorker(ABC):
                     # Whatever the claim raised, the loop must go on: a worker
                     # whose loop ended would look healthy and claim nothing.
                     failures += 1
+                    await self._claim_connection.discard()
                     delay = backoff_seconds(
                         failures - 1,
                         base=0.5,
@@ -277,16 +312,19 @@ class BaseWorker(ABC):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
-        async with self.pool.acquire() as connection:
-            claimed = await jobs.claim_jobs(
-                connection,
-                self.spec,
-                worker=self.worker_id,
-                limit=limit,
-                lease_seconds=self.settings.lease_seconds,
-                chunker_version=self.chunker_version,
-                embed_version=self.embed_version,
-            )
+        claimed = await jobs.claim_jobs(
+            await self._claim_connection.get(),
+            self.spec,
+            worker=self.worker_id,
+            limit=limit,
+            lease_seconds=self.settings.lease_seconds,
+            chunker_version=self.chunker_version,
+            embed_version=self.embed_version,
+        )
+        # The per-job records are built only when they will be written: at
+        # thousands of jobs a second their dictionaries cost measurable time.
+        if not log.isEnabledFor(logging.INFO):
+            return claimed
         for job in claimed:
             log.info(
                 "claimed job",
@@ -306,6 +344,7 @@ class BaseWorker(ABC):
             self._process_or_expire(job, lease), name=f"{self.spec.name}:{job.job_id}"
         )
         self._running[job.job_id] = _RunningJob(job, lease, work)
+        self._busy.add(job.job_id)
         runner = asyncio.create_task(
             self._supervise(job.job_id), name=f"supervise:{job.job_id}"
         )
@@ -317,13 +356,43 @@ class BaseWorker(ABC):
             raise _AttemptsExhausted(job.attempts - 1)
         await self.process(job, lease)
 
+    async def hand_off(
+        self,
+        lease: Lease,
+        to_status: Status,
+        *,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Move the job to to_status and clear its lease, batched with other jobs.
+
+        Only for a last step whose only write is the job row. A step whose
+        output must commit together with the move uses jobs.advance in its
+        own transaction instead. Returns once the move is committed, with its
+        job_events row and notification. Raises LeaseLostError when the
+        lease is gone.
+        """
+        if self._hand_offs is None:
+            raise RuntimeError("hand_off needs a running worker: call run() first")
+        self._busy.discard(lease.job_id)
+        await self._hand_offs.hand_off(lease, to_status, detail)
+
     # Running one job ------------------------------------------------------
 
     async def _supervise(self, job_id: uuid.UUID) -> None:
         running = self._running[job_id]
         job, lease = running.job, running.lease
-        heartbeat = asyncio.create_task(
-            self._heartbeat(running), name=f"heartbeat:{job_id}"
+        heartbeat: asyncio.Task[None] | None = None
+
+        def start_heartbeat() -> None:
+            nonlocal heartbeat
+            heartbeat = asyncio.create_task(
+                self._heartbeat(running), name=f"heartbeat:{job_id}"
+            )
+
+        # A timer until the first renewal, so that a job finishing within
+        # one heartbeat interval never needs a heartbeat task of its own.
+        first_beat = asyncio.get_running_loop().call_later(
+            self.settings.heartbeat_interval_seconds(), start_heartbeat
         )
         try:
             await running.work
@@ -351,22 +420,26 @@ class BaseWorker(ABC):
             await asyncio.shield(self._handle_failure(job, lease, exc))
         else:
             self.counters.succeeded += 1
-            log.info(
-                "stage finished",
-                extra=self._fields(job, "stage_finished", status=str(lease.status)),
-            )
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "stage finished",
+                    extra=self._fields(job, "stage_finished", status=str(lease.status)),
+                )
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            first_beat.cancel()
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
             self._running.pop(job_id, None)
+            self._busy.discard(job_id)
             self._wake.set()
 
     async def _heartbeat(self, running: _RunningJob) -> None:
+        """Renew the lease now and then every heartbeat interval."""
         interval = self.settings.heartbeat_interval_seconds()
         lease = running.lease
         while True:
-            await asyncio.sleep(interval)
             assert self._heartbeat_pool is not None
             try:
                 async with self._heartbeat_pool.acquire() as connection:
@@ -382,11 +455,12 @@ class BaseWorker(ABC):
                         running.job, "heartbeat_failed", reason=str(exc)
                     ),
                 )
-                continue
-            if expires is None:
-                lease.lost = True
-                running.work.cancel()
-                return
+            else:
+                if expires is None:
+                    lease.lost = True
+                    running.work.cancel()
+                    return
+            await asyncio.sleep(interval)
 
     def _lease_lost(self, job: ClaimedJob, reason: str) -> None:
         self.counters.leases_lost += 1

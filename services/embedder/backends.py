@@ -69,7 +69,8 @@ class PriorityLock:
                 self._condition.notify_all()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Return the sha256 of a file in lowercase hex."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -114,7 +115,7 @@ class SentenceTransformersBackend:
             ),
             None,
         )
-        weights_sha = _file_sha256(weights)[:12] if weights else "unknown"
+        weights_sha = file_sha256(weights)[:12] if weights else "unknown"
         # The version pins the weights, the input limit and the unit
         # normalization, which together decide the vectors.
         self.embed_version = f"w-{weights_sha}-seq{self.max_tokens}-unit"

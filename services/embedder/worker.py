@@ -18,7 +18,7 @@ from shared.worker import BaseWorker
 log = logging.getLogger(__name__)
 
 MISSING_CHUNKS_SQL = """
-SELECT c.chunk_id, c.chunk_ord, c.text
+SELECT c.chunk_id, c.chunk_ord, c.chunk_sha, c.text
 FROM document_chunk_buffer AS c
 LEFT JOIN document_vector_buffer AS v
   ON v.chunk_id = c.chunk_id AND v.embed_model = $4 AND v.embed_version = $5
@@ -34,6 +34,14 @@ FROM document_chunk_buffer AS c
 LEFT JOIN document_vector_buffer AS v
   ON v.chunk_id = c.chunk_id AND v.embed_model = $4 AND v.embed_version = $5
 WHERE c.document_id = $1 AND c.chunker_name = $2 AND c.chunker_version = $3
+"""
+
+# Vectors already searchable for the same chunk text, model and version,
+# from any document or user; served by document_chunks_chunk_sha_idx.
+STORED_VECTORS_SQL = """
+SELECT DISTINCT ON (chunk_sha) chunk_sha, embedding
+FROM document_chunks
+WHERE chunk_sha = ANY($1::text[]) AND embed_model = $2 AND embed_version = $3
 """
 
 # An equal vector_sha makes the rewrite a no-op (no new row version); a
@@ -122,13 +130,8 @@ class EmbedWorker(BaseWorker):
                 )
             if not batch:
                 break
-            texts = [row["text"] for row in batch]
             await failpoints.hit("embed.before_batch", document_id=job.document_id)
-            vectors = await asyncio.to_thread(self.backend.embed, texts)
-            try:
-                validate_vectors(vectors, len(texts), self.backend.dimensions)
-            except ValueError as exc:
-                raise TransientError("invalid_embedding", str(exc)) from exc
+            vectors, reused = await self._vectors_for(job, batch)
             written = await self.store_batch(
                 job, lease, batch, vectors, done_before=done
             )
@@ -141,6 +144,7 @@ class EmbedWorker(BaseWorker):
                     "job_id": str(job.job_id),
                     "worker": self.worker_id,
                     "batch": len(batch),
+                    "reused": reused,
                     "written": written,
                     "done": done,
                     "total": total,
@@ -153,6 +157,52 @@ class EmbedWorker(BaseWorker):
                 Status.EMBEDDINGS_STORED,
                 {"embeds_total": total, "embeds_done": total},
             )
+
+    async def _vectors_for(
+        self, job: ClaimedJob, batch: list[asyncpg.Record]
+    ) -> tuple[np.ndarray, int]:
+        """Return one vector per chunk of batch and how many were reused.
+
+        A chunk whose chunk_sha already has a searchable vector of the same
+        model and version gets a copy of that vector, and only the others go
+        through the model. chunk_sha hashes the normalized text, so texts
+        that differ only in trailing whitespace or line endings share it.
+        """
+        async with self.pool.acquire() as connection:
+            stored = {
+                row["chunk_sha"]: np.asarray(
+                    row["embedding"].to_numpy(), dtype=np.float32
+                )
+                for row in await connection.fetch(
+                    STORED_VECTORS_SQL,
+                    list({row["chunk_sha"] for row in batch}),
+                    job.embed_model,
+                    job.embed_version,
+                )
+            }
+        missing = [
+            index for index, row in enumerate(batch) if row["chunk_sha"] not in stored
+        ]
+        vectors = np.empty((len(batch), self.backend.dimensions), dtype=np.float32)
+        if missing:
+            texts = [batch[index]["text"] for index in missing]
+            embedded = await asyncio.to_thread(self.backend.embed, texts)
+            try:
+                validate_vectors(embedded, len(texts), self.backend.dimensions)
+            except ValueError as exc:
+                raise TransientError("invalid_embedding", str(exc)) from exc
+            vectors[missing] = embedded
+        for index, row in enumerate(batch):
+            vector = stored.get(row["chunk_sha"])
+            if vector is not None:
+                if vector.shape != (self.backend.dimensions,):
+                    raise TransientError(
+                        "invalid_embedding",
+                        f"stored vector for chunk_sha {row['chunk_sha']} has shape "
+                        f"{vector.shape}; expected ({self.backend.dimensions},)",
+                    )
+                vectors[index] = vector
+        return vectors, len(batch) - len(missing)
 
     async def store_batch(
         self,

@@ -10,13 +10,17 @@ import math
 import signal
 import stat
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
+
+import asyncpg
 
 from shared import failpoints, jobs
 from shared.errors import PermanentError, TransientError
 from shared.hashing import parsed_sha256
-from shared.jobs import PARSE_STAGE, ClaimedJob, Lease, Status
+from shared.jobs import PARSE_STAGE, TERMINAL_STATUSES, ClaimedJob, Lease, Status
+from shared.notify import notified_job_ids
 from shared.storage import LocalBlobStore, describe_write_error, parsed_key
 from shared.worker import BaseWorker
 
@@ -29,6 +33,10 @@ _STORAGE_ADVICE = (
     "(INGESTD_STORAGE_DIR) and call RetryJob"
 )
 
+# Maximum seconds that a spare child's start waits, after a parse, for the
+# parsed document to leave the pipeline or for another upload.
+SPARE_START_DELAY_SECONDS = 10.0
+
 
 class ParseWorker(BaseWorker):
     """Extracts Markdown-like text from each upload in a limited child process."""
@@ -38,6 +46,140 @@ class ParseWorker(BaseWorker):
     def __init__(self, *, storage: LocalBlobStore, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.storage = storage
+        # A child started ahead of the next document, which has imported the
+        # parser and waits for its request on stdin.
+        self._spare_child: asyncio.subprocess.Process | None = None
+        # The task that starts the next spare once it is due, the job whose
+        # end it waits for, and the event that makes it due.
+        self._spare_starter: asyncio.Task[None] | None = None
+        self._spare_after_job: str | None = None
+        self._spare_due = asyncio.Event()
+
+    async def drain(self, grace_seconds: float) -> None:
+        await super().drain(grace_seconds)
+        starter, self._spare_starter = self._spare_starter, None
+        if starter is not None:
+            # The worker no longer accepts work, so the woken starter
+            # returns without starting a child.
+            self._spare_due.set()
+            await starter
+        spare, self._spare_child = self._spare_child, None
+        if spare is not None:
+            await self._stop_child(spare)
+
+    @staticmethod
+    async def _stop_child(process: asyncio.subprocess.Process) -> None:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        await process.wait()
+
+    @staticmethod
+    async def _start_child() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.gateway.parse_child",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+
+    async def _take_child(self) -> asyncio.subprocess.Process:
+        """Return the spare child, or a new one when there is none."""
+        process, self._spare_child = self._spare_child, None
+        if process is None or process.returncode is not None:
+            process = await self._start_child()
+        return process
+
+    async def _start_spare(self) -> None:
+        """Start the next spare child unless one exists or the worker drains."""
+        if not self.accepting_work or self._spare_child is not None:
+            return
+        spare = await self._start_child()
+        # Another job may have started a spare during the await.
+        if self._spare_child is None and self.accepting_work:
+            self._spare_child = spare
+        else:
+            await self._stop_child(spare)
+
+    async def run(self) -> None:
+        await self._start_spare()
+        unsubscribe = self._listener.subscribe(self._on_pipeline_notification)
+        try:
+            await super().run()
+        finally:
+            unsubscribe()
+
+    def _schedule_spare(self, job_id: uuid.UUID) -> None:
+        """Start the next spare child once it is due (see _wait_until_spare_due)."""
+        if self._spare_starter is not None and not self._spare_starter.done():
+            # The pending starter waits for the latest parsed job instead.
+            self._spare_after_job = str(job_id)
+            return
+        self._spare_starter = asyncio.create_task(
+            self._start_spare_when_due(job_id), name=f"spare-parse-child:{job_id}"
+        )
+
+    async def _start_spare_when_due(self, job_id: uuid.UUID) -> None:
+        await self._wait_until_spare_due(job_id)
+        try:
+            await self._start_spare()
+        except OSError as exc:
+            # The next parse starts a child of its own, and the error
+            # surfaces there if it persists.
+            log.warning(
+                "could not start a spare parse child",
+                extra={"event": "spare_child_failed", "reason": str(exc)},
+            )
+
+    async def _wait_until_spare_due(self, job_id: uuid.UUID) -> None:
+        """Return when the next spare child should start.
+
+        A spare's interpreter start and imports take about 0.2 s of CPU. On
+        an otherwise idle pipeline, they would compete with the chunking and
+        embedding of the document just parsed, so the spare waits until that
+        document reaches a terminal status. It starts at once when another
+        parse job is in hand or waiting, at the next upload notification,
+        and at the latest after SPARE_START_DELAY_SECONDS.
+        """
+        # Set before the checks, so an upload notified during them counts.
+        self._spare_after_job = str(job_id)
+        self._spare_due.clear()
+        try:
+            if len(self._running) > 1 or await self._parse_jobs_waiting():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._spare_due.wait(), timeout=SPARE_START_DELAY_SECONDS
+                )
+        finally:
+            self._spare_after_job = None
+
+    async def _parse_jobs_waiting(self) -> bool:
+        try:
+            return await self.queue_depth() > 0
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Unknown, so the spare starts now, as it would for a busy queue.
+            log.warning(
+                "could not count waiting parse jobs; starting the spare child now",
+                extra={"event": "parse_queue_depth_failed", "reason": str(exc)},
+            )
+            return True
+
+    def _on_pipeline_notification(self, payload: dict[str, Any] | None) -> None:
+        watched = self._spare_after_job
+        if watched is None:
+            return
+        # None means notifications may have been missed, so the spare starts.
+        if payload is None:
+            self._spare_due.set()
+            return
+        status = payload.get("status")
+        if status == Status.UPLOADED or (
+            status in TERMINAL_STATUSES and watched in notified_job_ids(payload)
+        ):
+            self._spare_due.set()
 
     async def process(self, job: ClaimedJob, lease: Lease) -> None:
         if lease.status == Status.PARSE_QUEUED:
@@ -53,6 +195,7 @@ class ParseWorker(BaseWorker):
             )
         raw_file = await self._find_raw_file(job)
         result = await self._run_child(
+            job.job_id,
             {
                 "path": str(raw_file),
                 "content_type": content_type,
@@ -61,7 +204,7 @@ class ParseWorker(BaseWorker):
                 "memory_bytes": self.settings.parse_memory_limit_bytes,
                 "max_pages": self.settings.max_pages,
                 "max_chars": self.settings.max_parsed_chars,
-            }
+            },
         )
         if not result["ok"]:
             raise PermanentError(result["code"], result["message"])
@@ -137,21 +280,17 @@ class ParseWorker(BaseWorker):
         if not exists:
             await asyncio.to_thread(self.storage.delete, key)
 
-    async def _run_child(self, request: dict[str, Any]) -> dict[str, Any]:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "services.gateway.parse_child",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+    async def _run_child(
+        self, job_id: uuid.UUID, request: dict[str, Any]
+    ) -> dict[str, Any]:
+        process = await self._take_child()
         wall_seconds = self.settings.parse_wall_timeout_seconds
         try:
             stdout, stderr = await asyncio.wait_for(
                 process.communicate(json.dumps(request).encode("utf-8")),
                 timeout=wall_seconds,
             )
+            self._schedule_spare(job_id)
         except TimeoutError:
             process.kill()
             await process.wait()

@@ -25,7 +25,7 @@ from shared.config import Settings
 from shared.errors import DATABASE_ERRORS
 from shared.grpc_server import abort, current_principal, current_user
 from shared.jobs import RETRY_TARGETS, TERMINAL_STATUSES, Status
-from shared.notify import JobListener
+from shared.notify import JobListener, notified_job_ids
 from shared.proto_convert import document_to_proto, job_to_proto, status_from_proto
 from shared.storage import (
     BlobWriter,
@@ -717,7 +717,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         job_key = str(row["job_id"])
 
         def on_notification(payload: dict[str, Any] | None) -> None:
-            if payload is None or payload.get("job_id") == job_key:
+            if payload is None or job_key in notified_job_ids(payload):
                 changed.set()
 
         unsubscribe = self.listener.subscribe(on_notification)

@@ -438,3 +438,55 @@ async def test_archiver_rerun_keeps_archive(
     assert rearchived == 1
     assert len(first) > 0
     assert runtime.storage.get(key) == first
+
+
+class CountingBackend:
+    """The real backend, counting the texts it embeds."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.embed_model = inner.embed_model
+        self.embed_version = inner.embed_version
+        self.dimensions = inner.dimensions
+        self.max_tokens = inner.max_tokens
+        self.texts = 0
+
+    def embed(self, texts: list[str], *, urgent: bool = False):
+        self.texts += len(texts)
+        return self.inner.embed(texts, urgent=urgent)
+
+
+async def test_embed_reuses_vectors_of_equal_chunks(
+    runtime: Runtime, chunk_worker: ChunkWorker, embed_worker: EmbedWorker
+) -> None:
+    counting = CountingBackend(embed_worker.backend)
+    embed_worker.backend = counting
+    first_document, first_job = await run_to_complete(
+        runtime, chunk_worker, embed_worker
+    )
+    embedded_once = counting.texts
+    assert embedded_once > 0
+    # Another document with the same text: every chunk_sha is already
+    # searchable for this model and version.
+    second_document, second_job = await run_to_complete(
+        runtime, chunk_worker, embed_worker
+    )
+    assert second_document != first_document
+    assert counting.texts == embedded_once
+    async with runtime.pool.acquire() as connection:
+        status = await connection.fetchval(
+            "SELECT status FROM upload_jobs WHERE job_id = $1", second_job
+        )
+        rows = await connection.fetch(
+            "SELECT job_id, chunk_ord, vector_sha FROM document_chunks "
+            "WHERE job_id = ANY($1::uuid[]) ORDER BY chunk_ord",
+            [first_job, second_job],
+        )
+    assert status == "complete"
+    first = {r["chunk_ord"]: r["vector_sha"] for r in rows if r["job_id"] == first_job}
+    second = {
+        r["chunk_ord"]: r["vector_sha"] for r in rows if r["job_id"] == second_job
+    }
+    assert len(second) == embedded_once
+    assert second == first

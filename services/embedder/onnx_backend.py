@@ -1,0 +1,214 @@
+"""The sentence-transformers model run by ONNX Runtime instead of torch.
+
+The transformer of a sentence-transformers folder is exported to ONNX once,
+at first use, into a cache folder; later starts load the exported file.
+Tokenization uses the folder's ``tokenizer.json`` with the model's input
+limit, and pooling follows ``1_Pooling/config.json`` (mean pooling over the
+attention mask), then every vector is scaled to unit length, as
+sentence-transformers does with ``normalize_embeddings=True``. The vectors
+differ from torch's in the last float32 bits, so this backend has its own
+``embed_version``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from services.embedder.backends import PriorityLock, file_sha256
+
+log = logging.getLogger(__name__)
+
+# Opset of the exported graph. 17 is supported by every ONNX Runtime release
+# since 1.14 and covers every operator of a BERT encoder.
+ONNX_OPSET = 17
+
+# Texts per ONNX Runtime call. Texts are sorted by token count first, so each
+# sub-batch pads to the length of its own longest text rather than the
+# longest of the whole call.
+SUB_BATCH_SIZE = 32
+
+_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def export_onnx(model_dir: Path, destination: Path) -> None:
+    """Export the transformer of a sentence-transformers folder to ONNX.
+
+    The file is written under a temporary name and renamed into place, so a
+    reader sees either no file or a complete one.
+    """
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(model_dir)).eval()
+
+    class _LastHiddenState(torch.nn.Module):
+        # transformers 5 takes more positional arguments than the three
+        # inputs, so the wrapper passes them by name.
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+            ).last_hidden_state
+
+    sample = torch.ones(2, 16, dtype=torch.long)
+    axes = {name: {0: "batch", 1: "tokens"} for name in _INPUT_NAMES}
+    axes["last_hidden_state"] = {0: "batch", 1: "tokens"}
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        dir=destination.parent, prefix=destination.name, suffix=".tmp"
+    )
+    os.close(handle)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about Python conditions in transformers' mask
+            # code. They depend only on whether a mask is given, and one
+            # always is, so the traced graph is valid for every shape.
+            warnings.simplefilter("ignore")
+            # dynamo=False selects the TorchScript exporter, which needs only
+            # the onnx package; the dynamo exporter also needs onnxscript.
+            torch.onnx.export(
+                _LastHiddenState(model),
+                (sample, sample, torch.zeros_like(sample)),
+                temporary,
+                input_names=list(_INPUT_NAMES),
+                output_names=["last_hidden_state"],
+                dynamic_axes=axes,
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+        os.replace(temporary, destination)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict:
+    with path.open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+class OnnxBackend:
+    """A sentence-transformers model folder run by ONNX Runtime on the CPU."""
+
+    name = "onnx"
+
+    def __init__(self, model_dir: Path, cache_dir: Path, *, threads: int = 0) -> None:
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        pooling = _read_json(model_dir / "1_Pooling" / "config.json")
+        if not pooling.get("pooling_mode_mean_tokens"):
+            raise ValueError(
+                f"model at {model_dir} does not use mean pooling; the onnx backend "
+                "supports only mean pooling"
+            )
+        self.dimensions = int(pooling["word_embedding_dimension"])
+        self.max_tokens = int(
+            _read_json(model_dir / "sentence_bert_config.json")["max_seq_length"]
+        )
+        self.embed_model = (
+            model_dir.name if model_dir.name != "model" else "all-MiniLM-L6-v2"
+        )
+        weights = model_dir / "model.safetensors"
+        if not weights.exists():
+            raise FileNotFoundError(
+                f"{weights} is missing; the onnx backend exports from safetensors weights"
+            )
+        weights_sha = file_sha256(weights)[:12]
+        self.embed_version = f"onnx-w-{weights_sha}-seq{self.max_tokens}-unit"
+
+        onnx_path = (
+            cache_dir / f"{self.embed_model}-{weights_sha}-opset{ONNX_OPSET}.onnx"
+        )
+        self._ensure_exported(model_dir, onnx_path)
+
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # tokenizer.json ships with a 128-token limit and fixed padding.
+        # sentence-transformers truncates at max_seq_length instead, and
+        # _run pads each sub-batch to its longest text, as it does.
+        self._tokenizer.enable_truncation(max_length=self.max_tokens)
+        self._tokenizer.no_padding()
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = (
+            onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        )
+        self._session = onnxruntime.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+        # One call at a time keeps a search query's priority over batches.
+        self._lock = PriorityLock()
+
+    @staticmethod
+    def _ensure_exported(model_dir: Path, onnx_path: Path) -> None:
+        if onnx_path.exists():
+            return
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        # Replicas sharing a data folder export once: the others wait on the
+        # lock and then find the file.
+        with (onnx_path.parent / ".export.lock").open("w") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            if onnx_path.exists():
+                return
+            log.info(
+                "exporting the embedding model to ONNX",
+                extra={"event": "onnx_export", "path": str(onnx_path)},
+            )
+            export_onnx(model_dir, onnx_path)
+
+    def embed(self, texts: list[str], *, urgent: bool = False) -> np.ndarray:
+        encodings = self._tokenizer.encode_batch(texts)
+        order = sorted(range(len(texts)), key=lambda index: len(encodings[index].ids))
+        vectors = np.empty((len(texts), self.dimensions), dtype=np.float32)
+        with self._lock.hold(urgent=urgent):
+            for start in range(0, len(order), SUB_BATCH_SIZE):
+                group = order[start : start + SUB_BATCH_SIZE]
+                vectors[group] = self._run([encodings[index] for index in group])
+        return vectors
+
+    def _run(self, encodings: list) -> np.ndarray:
+        width = max(len(encoding.ids) for encoding in encodings)
+        shape = (len(encodings), width)
+        input_ids = np.zeros(shape, dtype=np.int64)
+        attention_mask = np.zeros(shape, dtype=np.int64)
+        token_type_ids = np.zeros(shape, dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            length = len(encoding.ids)
+            input_ids[row, :length] = encoding.ids
+            attention_mask[row, :length] = 1
+            token_type_ids[row, :length] = encoding.type_ids
+        (hidden,) = self._session.run(
+            None,
+            {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "token_type_ids": token_type_ids,
+            },
+        )
+        mask = attention_mask[:, :, None].astype(np.float32)
+        summed = (hidden * mask).sum(axis=1)
+        mean = summed / np.clip(mask.sum(axis=1), 1e-9, None)
+        norms = np.linalg.norm(mean, axis=1, keepdims=True)
+        return (mean / np.clip(norms, 1e-12, None)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def load_onnx(model_dir: Path, cache_dir: Path, threads: int = 0) -> OnnxBackend:
+    """Load (and at first use export) a model once per process; later calls share it."""
+    return OnnxBackend(model_dir, cache_dir, threads=threads)

