@@ -378,6 +378,23 @@ def test_html_scripts_and_styles_removed() -> None:
     assert markdown == "before\n\nafter"
 
 
+def test_html_deep_nesting_kept_within_limit() -> None:
+    html = "<p>top</p>" + "<div>" * 500 + "deep text" + "</div>" * 500
+    markdown = parse_document(html.encode(), "text/html").markdown
+    assert "top" in markdown
+    assert "deep text" in markdown
+
+
+@pytest.mark.parametrize("depth", [2000, 100_000])
+def test_html_nested_past_converter_limit_fails(depth: int) -> None:
+    # The converter would skip the deep elements and lose their text.
+    html = "<p>top</p>" + "<div>" * depth + "deep text" + "</div>" * depth
+    error = parse_error(html.encode(), "text/html")
+    assert error.code == "limit_exceeded"
+    assert "nests elements too deeply" in error.message
+    assert "flatten" in error.message
+
+
 def test_html_script_comment_double_escape() -> None:
     html = (
         "<p>one</p><script><!--\ndocument.write('<script>x()</script>');\n"

@@ -64,9 +64,17 @@ def html_to_text(html: str) -> str:
             "the file is a complete HTML document and upload it again",
         ) from exc
 
-    # NOTE: html-to-markdown 3.21 skips elements nested deeper than 1024
-    # levels and reports it only as a warning, so that text is missing.
+    # html-to-markdown skips elements nested deeper than its depth limit
+    # (1024 levels in 3.21) and reports it only as a warning. The text in
+    # them would be missing without a trace, so the document fails instead.
     for warning in result.warnings:
+        if str(warning.kind) == "depth_limit_exceeded":
+            raise ParseError(
+                "limit_exceeded",
+                f"the HTML nests elements too deeply to convert ({warning.message}); "
+                "the text inside them would be lost, so flatten the nesting and "
+                "upload it again",
+            )
         logger.warning(
             "HTML conversion warning: %s (%s)", warning.message, warning.kind
         )
