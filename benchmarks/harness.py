@@ -168,6 +168,13 @@ class Cluster:
                 "TRANSFORMERS_OFFLINE": "1",
                 "PYTHONUNBUFFERED": "1",
                 f"INGESTD_{name.upper()}_PORT": str(port),
+                # The benchmarks call the services without API keys, as one
+                # user who uploads every document at once, so the per-key
+                # rate and the per-user upload limit must not throttle them.
+                # A key check is one cached lookup per call.
+                "INGESTD_ALLOW_UNAUTHENTICATED": "true",
+                "INGESTD_RATE_LIMIT": "100000/second",
+                "INGESTD_MAX_CONCURRENT_UPLOADS_PER_USER": "32",
             }
         )
         env.update(self.settings)

@@ -378,6 +378,31 @@ def test_html_scripts_and_styles_removed() -> None:
     assert markdown == "before\n\nafter"
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["\u202e\u2066\u200b\ufeff" * 100, "\u0301" * 300, "\U000f0000 \ue000" * 50],
+)
+@pytest.mark.parametrize("content_type", ["text/plain", "text/markdown", "text/html"])
+def test_text_without_visible_characters_unreadable(
+    text: str, content_type: str
+) -> None:
+    error = parse_error(text.encode(), content_type)
+    assert error.code == "unreadable_text"
+    assert "is visible" in error.message
+
+
+def test_text_with_some_visible_characters_kept() -> None:
+    markdown = parse_document("\u200bzero\u200bwidth \u0301".encode(), "text/plain")
+    assert "zero" in markdown.markdown
+
+
+def test_html_replacement_characters_not_sent_to_ocr() -> None:
+    error = parse_error(b"<p>" + b"&#xFFFD;" * 50 + b"</p>", "text/html")
+    assert error.code == "unreadable_text"
+    assert "damaged or decoded wrongly" in error.message
+    assert "OCR" not in error.message
+
+
 def test_html_deep_nesting_kept_within_limit() -> None:
     html = "<p>top</p>" + "<div>" * 500 + "deep text" + "</div>" * 500
     markdown = parse_document(html.encode(), "text/html").markdown

@@ -9,6 +9,7 @@ with ``unreadable_text`` and the user learns that the document needs OCR.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from charset_normalizer.md import mess_ratio
 
@@ -33,6 +34,9 @@ MESS_MIN_CHARS = 200
 MESS_SAMPLE_CHARS = 100_000
 
 _CID_PLACEHOLDER = re.compile(r"\(cid:\d+\)")
+# Unicode general categories of characters that show a glyph of their own:
+# letters, numbers, punctuation and symbols.
+_GLYPH_CATEGORIES = frozenset("LNPS")
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -46,16 +50,30 @@ def check_readable(text: str, *, check_scripts: bool) -> None:
     visible = len(_WHITESPACE.sub("", text))
     if visible == 0:
         return
+    if not any(unicodedata.category(char)[0] in _GLYPH_CATEGORIES for char in text):
+        raise ParseError(
+            "unreadable_text",
+            f"none of the {visible} non-space characters of the text is visible: "
+            "they are format controls, zero-width characters, private-use code "
+            "points or combining marks without a base letter; upload a file that "
+            "contains readable text",
+        )
     placeholders = text.count("\ufffd") + sum(
         len(match) for match in _CID_PLACEHOLDER.findall(text)
     )
     if placeholders / visible > MAX_PLACEHOLDER_RATIO:
+        # check_scripts is set for PDFs, where placeholders come from fonts.
+        fix = (
+            "the document's fonts cannot be read as text; run OCR (for example "
+            "ocrmypdf --force-ocr) and upload the result"
+            if check_scripts
+            else "the file was damaged or decoded wrongly before it was uploaded; "
+            "upload an undamaged copy"
+        )
         raise ParseError(
             "unreadable_text",
             f"{placeholders} of the {visible} non-space characters of the extracted "
-            "text are U+FFFD or (cid:N) placeholders, so the document's fonts "
-            "cannot be read as text; run OCR (for example ocrmypdf --force-ocr) "
-            "and upload the result",
+            f"text are U+FFFD or (cid:N) placeholders, so {fix}",
         )
     if check_scripts and visible >= MESS_MIN_CHARS:
         ratio = mess_ratio(text[:MESS_SAMPLE_CHARS], maximum_threshold=MAX_MESS_RATIO)
