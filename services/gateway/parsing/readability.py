@@ -41,7 +41,7 @@ _WHITESPACE = re.compile(r"\s+")
 
 
 def check_readable(text: str, *, check_scripts: bool) -> None:
-    """Raise ParseError("unreadable_text") when text is mostly placeholders.
+    """Raise ParseError("unreadable_text") when text shows nothing or is mostly placeholders.
 
     ``check_scripts`` also rejects text whose characters form implausible
     sequences, which is how a PDF font without a usable ToUnicode map
