@@ -122,6 +122,11 @@ class Settings(BaseSettings):
         description="open upload streams one user may have on one gateway",
     )
     max_concurrent_watches: int = Field(default=128, ge=1)
+    max_concurrent_watches_per_user: int = Field(
+        default=16,
+        ge=1,
+        description="open WatchJob streams one user may have on one gateway",
+    )
     parse_timeout_seconds: float = Field(
         default=300.0, gt=0, description="CPU seconds the parse child may use"
     )
@@ -225,6 +230,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"INGESTD_MAX_CONCURRENT_UPLOADS_PER_USER ({self.max_concurrent_uploads_per_user}) "
                 f"must not exceed INGESTD_MAX_CONCURRENT_UPLOADS ({self.max_concurrent_uploads})"
+            )
+        if self.max_concurrent_watches_per_user > self.max_concurrent_watches:
+            raise ValueError(
+                f"INGESTD_MAX_CONCURRENT_WATCHES_PER_USER ({self.max_concurrent_watches_per_user}) "
+                f"must not exceed INGESTD_MAX_CONCURRENT_WATCHES ({self.max_concurrent_watches})"
             )
         streams = self.max_concurrent_uploads + self.max_concurrent_watches
         if streams >= self.grpc_max_concurrent_rpcs:

@@ -32,6 +32,8 @@ TERMINAL = {
     resources_pb2.JOB_STATUS_FAILED_EMBEDDING,
 }
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "docs"
+# How often `upload --wait` asks for a job's status when it cannot watch it.
+POLL_SECONDS = 1.0
 
 
 def status_name(value: int) -> str:
@@ -359,23 +361,38 @@ def _watch(
     task: int,
 ) -> resources_pb2.Job:
     job = None
-    for update in stub.WatchJob(
-        upload_pb.WatchJobRequest(job_id=job_id), metadata=call_metadata(user)
-    ):
-        job = update.job
-        # The chunk count is known once the chunker has run; until then the
-        # bar has no total. A document with no text has a total of 0.
-        total = None
-        if job.status >= resources_pb2.JOB_STATUS_CHUNKS_STORED:
-            total = job.progress.embeds_total
-        progress.update(
-            task,
-            total=total,
-            completed=job.progress.embeds_done,
-            status=status_name(job.status),
-        )
+    try:
+        for update in stub.WatchJob(
+            upload_pb.WatchJobRequest(job_id=job_id), metadata=call_metadata(user)
+        ):
+            job = update.job
+            _show_progress(progress, task, job)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        # The gateway has no watch to spare; GetJob answers the same question.
+        while job is None or job.status not in TERMINAL:
+            time.sleep(POLL_SECONDS)
+            job = stub.GetJob(
+                upload_pb.GetJobRequest(job_id=job_id), metadata=call_metadata(user)
+            ).job
+            _show_progress(progress, task, job)
     assert job is not None
     return job
+
+
+def _show_progress(progress: Progress, task: int, job: resources_pb2.Job) -> None:
+    # The chunk count is known once the chunker has run; until then the bar
+    # has no total. A document with no text has a total of 0.
+    total = None
+    if job.status >= resources_pb2.JOB_STATUS_CHUNKS_STORED:
+        total = job.progress.embeds_total
+    progress.update(
+        task,
+        total=total,
+        completed=job.progress.embeds_done,
+        status=status_name(job.status),
+    )
 
 
 @cli.command()

@@ -231,6 +231,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         self.listener = listener
         self._active_uploads = 0
         self._active_uploads_by_user: Counter[str] = Counter()
+        self._active_watches_by_user: Counter[str] = Counter()
         self._active_watches = 0
 
     # Upload ---------------------------------------------------------------
@@ -702,13 +703,31 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                 "(INGESTD_MAX_CONCURRENT_WATCHES); poll with GetJob or retry later",
                 reason="TOO_MANY_WATCHES",
             )
+        user = current_user()
+        if (
+            self._active_watches_by_user[user]
+            >= self.settings.max_concurrent_watches_per_user
+        ):
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"user {user} has {self._active_watches_by_user[user]} jobs watched, the "
+                f"maximum of {self.settings.max_concurrent_watches_per_user} per user "
+                "(INGESTD_MAX_CONCURRENT_WATCHES_PER_USER); poll with GetJob or close "
+                "a watch",
+                reason="TOO_MANY_WATCHES_FOR_USER",
+            )
         row = await self._fetch_job(context, request.job_id)
         self._active_watches += 1
+        self._active_watches_by_user[user] += 1
         try:
             async for response in self._watch(row, context):
                 yield response
         finally:
             self._active_watches -= 1
+            self._active_watches_by_user[user] -= 1
+            if self._active_watches_by_user[user] <= 0:
+                del self._active_watches_by_user[user]
 
     async def _watch(
         self, row: asyncpg.Record, context: grpc.aio.ServicerContext

@@ -12,12 +12,16 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -30,7 +34,7 @@ from ingestd.v1 import upload_service_pb2 as upload_pb
 from ingestd.v1 import upload_service_pb2_grpc as upload_grpc
 from shared.config import Settings
 from shared.storage import raw_key
-from tests.conftest import Pipeline, corpus_file, running_pipeline
+from tests.conftest import REPO_ROOT, Pipeline, corpus_file, running_pipeline
 from tests.e2e.harness import (
     chunk_text_problems,
     model_tokenizer,
@@ -324,6 +328,68 @@ async def test_per_user_upload_limit(pipeline: Pipeline) -> None:
         pipeline, b"alice again, once the others ended\n", "a.txt", user="alice"
     )
     assert after.job.job_id
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"parse_wall_timeout_seconds": 60, "max_concurrent_watches_per_user": 2}],
+    indirect=True,
+)
+async def test_per_user_watch_limit(pipeline: Pipeline, tmp_path: Path) -> None:
+    stub = upload_grpc.UploadServiceStub(pipeline.gateway_channel)
+    watcher = [("x-ingestd-user", "watcher")]
+    # A parse child stopped with SIGSTOP keeps its job from finishing.
+    pages = [PdfPageSpec(lines=(f"Page {n}.",)) for n in range(300)]
+    stuck = await upload(pipeline, build_pdf(pages), "stuck.pdf", user="watcher")
+    child = await stop_parse_child()
+    request = upload_pb.WatchJobRequest(job_id=stuck.job.job_id)
+    held = [stub.WatchJob(request, metadata=watcher) for _ in range(2)]
+    try:
+        for call in held:
+            await call.read()
+        with pytest.raises(grpc.aio.AioRpcError) as extra:
+            async for _ in stub.WatchJob(request, metadata=watcher):
+                pass
+        other = await upload(pipeline, b"# Other\n\nWatched.\n", "o.md", user="other")
+        other_job = await wait_terminal(pipeline, other.job.job_id, user="other")
+
+        # The CLI falls back to polling GetJob when it cannot watch.
+        document = tmp_path / "polled.md"
+        document.write_text("# Polled\n\nThe CLI waits without a watch.\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
+        env["INGESTD_DATA_DIR"] = str(tmp_path / "cli")
+        completed = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "ingestd.cli",
+                "--gateway",
+                pipeline.gateway_target,
+                "--user",
+                "watcher",
+                "upload",
+                "--wait",
+                str(document),
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        for call in held:
+            call.cancel()
+        child.kill()
+
+    assert extra.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "INGESTD_MAX_CONCURRENT_WATCHES_PER_USER" in extra.value.details()
+    assert "watcher" in extra.value.details()
+    assert other_job.status == COMPLETE
+    assert completed.returncode == 0, completed.stderr
+    assert "complete" in completed.stdout
+    assert "Traceback" not in completed.stderr
 
 
 # Content types and file names.
