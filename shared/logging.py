@@ -61,6 +61,9 @@ class TextFormatter(logging.Formatter):
             f"{record.levelname:<7} {record.name}: {record.getMessage()}"
         )
         fields = _extra_fields(record)
+        request_id = request_id_var.get()
+        if request_id:
+            fields = {"request_id": request_id, **fields}
         if fields:
             line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
         if record.exc_info:
