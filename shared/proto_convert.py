@@ -28,7 +28,21 @@ def status_to_proto(status: str) -> resources_pb2.JobStatus.ValueType:
 
 
 def status_from_proto(value: int) -> Status:
-    """Map a JobStatus enum value to its status string."""
+    """Map a JobStatus enum value to its status string.
+
+    Raises ValueError for JOB_STATUS_UNSPECIFIED and for numbers that name
+    no status.
+    """
+    statuses = resources_pb2.JobStatus.DESCRIPTOR.values
+    if value == resources_pb2.JOB_STATUS_UNSPECIFIED or all(
+        status.number != value for status in statuses
+    ):
+        known = ", ".join(
+            status.name
+            for status in statuses
+            if status.name != "JOB_STATUS_UNSPECIFIED"
+        )
+        raise ValueError(f"status {value} is not a job status; use one of {known}")
     name = resources_pb2.JobStatus.Name(value)
     return Status(name.removeprefix("JOB_STATUS_").lower())
 

@@ -778,8 +778,9 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             await abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
-                str(exc),
+                f"statuses: {exc}",
                 reason="INVALID_ARGUMENT",
+                field_name="statuses",
             )
         document_id = None
         if request.document_id:

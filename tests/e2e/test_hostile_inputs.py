@@ -392,6 +392,22 @@ async def test_per_user_watch_limit(pipeline: Pipeline, tmp_path: Path) -> None:
     assert "Traceback" not in completed.stderr
 
 
+async def test_huge_and_unknown_arguments_get_clear_errors(pipeline: Pipeline) -> None:
+    stub = upload_grpc.UploadServiceStub(pipeline.gateway_channel)
+    # Quoted back in full, this id would make a status larger than a client
+    # accepts, and the client would see a transport error instead.
+    with pytest.raises(grpc.aio.AioRpcError) as huge:
+        await stub.GetJob(upload_pb.GetJobRequest(job_id="x" * 100_000))
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await stub.ListJobs(upload_pb.ListJobsRequest(statuses=[999]))
+
+    assert huge.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "job_id" in huge.value.details()
+    assert "cut to its first 64 characters" in huge.value.details()
+    assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert unknown.value.details().startswith("statuses: status 999 is not")
+
+
 # Content types and file names.
 
 

@@ -8,8 +8,10 @@ import uuid
 import numpy as np
 import pytest
 
+from ingestd.v1 import resources_pb2
 from shared import ids
 from shared.hashing import chunk_sha, normalize_text, parsed_sha256, vector_sha
+from shared.proto_convert import status_from_proto
 
 NAMESPACE = uuid.UUID("6c8a1e6e-1f0b-4aa8-9f0a-1a7c2e6f2b42")
 
@@ -52,3 +54,20 @@ def test_check_user_id_accepts_safe_names() -> None:
 def test_check_user_id_rejects_path_characters(bad: str) -> None:
     with pytest.raises(ValueError, match="user id"):
         ids.check_user_id(bad)
+
+
+def test_parse_uuid_error_cuts_long_values() -> None:
+    with pytest.raises(ValueError, match="cut to its first 64 characters") as error:
+        ids.parse_uuid("x" * 100_000, "job_id")
+    assert len(str(error.value)) < 400
+    assert "job_id" in str(error.value)
+
+
+@pytest.mark.parametrize("value", [0, 999, -1])
+def test_status_from_proto_rejects_non_statuses(value: int) -> None:
+    with pytest.raises(ValueError, match=f"status {value} is not a job status"):
+        status_from_proto(value)
+
+
+def test_status_from_proto_maps_known_status() -> None:
+    assert status_from_proto(resources_pb2.JOB_STATUS_COMPLETE) == "complete"
