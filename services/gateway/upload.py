@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import grpc
+from google.protobuf.message import DecodeError
 
 from ingestd.v1 import upload_service_pb2 as pb
 from ingestd.v1 import upload_service_pb2_grpc as pb_grpc
@@ -132,6 +133,14 @@ async def _with_idle_timeout(
                 f"the upload sent nothing for {idle_seconds:g} s "
                 "(INGESTD_UPLOAD_IDLE_TIMEOUT_SECONDS); send the file again without pausing",
                 "UPLOAD_IDLE",
+            ) from None
+        except DecodeError as exc:
+            # Messages of a stream are decoded as they are read, so a message
+            # that is not valid protobuf, or a string field that is not
+            # UTF-8, surfaces here.
+            raise _bad_stream(
+                f"a message could not be decoded ({exc}); string fields such as "
+                "metadata.filename must be valid UTF-8"
             ) from None
         yield message
 

@@ -392,6 +392,33 @@ async def test_per_user_watch_limit(pipeline: Pipeline, tmp_path: Path) -> None:
     assert "Traceback" not in completed.stderr
 
 
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    assert len(payload) < 128
+    return bytes([field << 3 | 2, len(payload)]) + payload
+
+
+async def test_filename_not_utf8_rejected(pipeline: Pipeline) -> None:
+    # Hand-encoded UploadRequest{metadata{filename}} with bytes that are not
+    # UTF-8, which no protobuf library would serialize for a string field.
+    metadata = _length_delimited(1, _length_delimited(1, b"\xff\xfe.txt"))
+    chunk = _length_delimited(2, b"some text\n")
+    upload_call = pipeline.gateway_channel.stream_unary(
+        "/ingestd.v1.UploadService/Upload",
+        request_serializer=None,
+        response_deserializer=upload_pb.UploadResponse.FromString,
+    )
+
+    async def raw():
+        yield metadata
+        yield chunk
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await upload_call(raw())
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must be valid UTF-8" in error.value.details()
+
+
 async def test_huge_and_unknown_arguments_get_clear_errors(pipeline: Pipeline) -> None:
     stub = upload_grpc.UploadServiceStub(pipeline.gateway_channel)
     # Quoted back in full, this id would make a status larger than a client
