@@ -188,8 +188,10 @@ async def corpus_run(
             log_format="text",
             allow_unauthenticated=True,
             # Every file is uploaded and watched at once, faster than the
-            # default per-user rate allows.
+            # default per-user rate allows and by more watches than one
+            # user may hold by default.
             rate_limit="1000/second",
+            max_concurrent_watches_per_user=128,
         )
         async with running_pipeline(settings) as pipeline:
             started = time.monotonic()
