@@ -368,6 +368,12 @@ def _watch(
             job = update.job
             _show_progress(progress, task, job)
     except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            raise click.ClickException(
+                f"lost the gateway while waiting for job {job_id} ({error.details()}); "
+                "the job goes on when the services run again: check it with "
+                "`ingestd jobs`"
+            ) from None
         if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise
         # The gateway has no watch to spare; GetJob answers the same question.
