@@ -55,9 +55,10 @@ def check_ports_free(settings: Settings) -> None:
     for name in SERVICES:
         port = port_of(settings, name)
         with socket.socket() as probe:
-            # SO_REUSEADDR lets the probe bind beside the TIME-WAIT sockets that
-            # a service stopped a moment ago leaves behind, as the gRPC server
-            # itself does; on Linux it still fails while anything listens.
+            # A service stopped a moment ago leaves TIME-WAIT sockets on its
+            # port. SO_REUSEADDR lets the probe bind beside them, as the gRPC
+            # server itself does. On Linux the bind still fails while anything
+            # listens on the port.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((settings.host, port))
