@@ -60,7 +60,7 @@ def batch_id(
     return _uuid5(f"batch:{job}:{embed_model}:{embed_version}:{first_ord}-{last_ord}")
 
 
-def shown(value: object, limit: int = 64) -> str:
+def quoted_value(value: object, limit: int = 64) -> str:
     """Quote a client-supplied value for an error message, cut to limit characters.
 
     A message that repeated a value of any length could exceed the size of
@@ -78,7 +78,7 @@ def parse_uuid(value: str, field: str) -> uuid.UUID:
         return uuid.UUID(value)
     except (ValueError, AttributeError, TypeError):
         raise ValueError(
-            f"{field} {shown(value)} is not a valid UUID; pass the id exactly as "
+            f"{field} {quoted_value(value)} is not a valid UUID; pass the id exactly as "
             "the API returned it, for example 1b4e28ba-2fa1-11d2-883f-0016d3cca427"
         ) from None
 
@@ -87,7 +87,7 @@ def check_user_id(value: str) -> str:
     """Return value if it is a valid user id, else raise ValueError."""
     if not USER_ID_RE.fullmatch(value):
         raise ValueError(
-            f"user id {shown(value)} is invalid; use 1 to 64 letters, digits, '.', '_' "
+            f"user id {quoted_value(value)} is invalid; use 1 to 64 letters, digits, '.', '_' "
             "or '-', starting with a letter or digit"
         )
     return value

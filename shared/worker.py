@@ -32,7 +32,7 @@ from shared.notify import JobListener
 
 log = logging.getLogger(__name__)
 
-# Longest wait before a retry, whatever a remote service asks for.
+# Longest wait before a retry, whatever Retry-After a remote service sends.
 MAX_RETRY_DELAY_SECONDS = 24 * 3600.0
 
 
@@ -193,7 +193,7 @@ class BaseWorker(ABC):
             await self._claim_connection.close()
 
     async def _open_heartbeat_pool(self) -> asyncpg.Pool | None:
-        """Create the heartbeat pool, retrying until the database answers.
+        """Create the heartbeat pool, retrying until the database accepts connections.
 
         Returns None when the worker is stopped before that.
         """

@@ -32,7 +32,7 @@ TERMINAL = {
     resources_pb2.JOB_STATUS_FAILED_EMBEDDING,
 }
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "docs"
-# How often `upload --wait` asks for a job's status when it cannot watch it.
+# Seconds between GetJob calls of `upload --wait` when the gateway rejects a watch.
 POLL_SECONDS = 1.0
 
 

@@ -182,7 +182,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     async def _check_documents_exist(
         self, context: grpc.aio.ServicerContext, document_ids: list
     ) -> None:
-        # Another user's document gets the same answer as one that does not
+        # Another user's document gets the same NOT_FOUND as one that does not
         # exist, so ids cannot be probed.
         async with self.pool.acquire() as connection:
             found = await connection.fetch(

@@ -173,7 +173,7 @@ def display_filename(name: str) -> str:
 def _check_metadata_text(metadata: pb.UploadMetadata) -> None:
     """Reject metadata strings that cannot be stored as they are.
 
-    PostgreSQL text holds no NUL character, and a content type or password
+    PostgreSQL text cannot contain a NUL character, and a content type or password
     with control characters is a client bug. The file name is exempt: it is
     cleaned for display instead.
     """
@@ -191,11 +191,11 @@ def _check_metadata_text(metadata: pb.UploadMetadata) -> None:
             )
         bad = next((char for char in value if unicodedata.category(char) == "Cc"), None)
         if bad is not None:
-            shown = "a password" if field == "metadata.password" else repr(value)
+            displayed = "a password" if field == "metadata.password" else repr(value)
             raise UploadRejectedError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{field} contains the control character U+{ord(bad):04X} in "
-                f"{shown}; send it without control characters",
+                f"{displayed}; send it without control characters",
                 "BAD_METADATA",
                 field_name=field,
             )
@@ -622,7 +622,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
     ) -> None:
         """Parse a failed encrypted PDF again when its upload is repeated with a password.
 
-        The parse error asks the user to upload the file again with its
+        The parse error instructs the user to upload the file again with its
         password. The bytes are the same, so the upload finds the existing
         job; when that job failed for want of the right password, it goes
         back to `uploaded` with the new password and fresh attempts.

@@ -92,8 +92,8 @@ def test_up_upload_search_and_ctrl_c(database_url: str, tmp_path: Path) -> None:
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=60)
     assert up.returncode == 0, output.decode(errors="replace")[-2000:]
-    # Authentication is on: the first run created a key, said where it put
-    # it and how other clients send it, and the CLI calls above used it.
+    # Authentication is on. The first run created a key and printed where it
+    # saved it and how other clients send it, and the CLI calls above used it.
     text = " ".join(output.decode(errors="replace").split())
     assert "created an admin API key" in text
     assert "authorization: Bearer KEY" in text

@@ -134,10 +134,10 @@ UPLOADS_AT_ONCE = 8
 
 @dataclass(frozen=True)
 class Outcome:
-    """What became of one upload: its final job and its searchable chunk texts.
+    """Outcome of one upload: its final job and its searchable chunk texts.
 
     ``job`` is None when the job did not reach a terminal status in time,
-    and ``wait_error`` then says why.
+    and ``wait_error`` then contains the reason.
     """
 
     job: resources_pb2.Job | None

@@ -127,6 +127,10 @@ async def assert_serving(process: ServiceProcess) -> None:
     assert await health_status(process.port) == SERVING
 
 
+# count_rows of a database in which no upload was recorded.
+NO_ROWS = {"documents": 0, "upload_jobs": 0, "job_events": 0}
+
+
 async def count_rows(connection: asyncpg.Connection) -> dict[str, int]:
     return {
         table: await connection.fetchval(f"SELECT count(*) FROM {table}")
@@ -167,11 +171,7 @@ async def test_upload_storage_failures(cluster: Cluster, settings: Settings) -> 
             assert "storage is full" in full.value.details()
             assert "File too large" in full.value.details()
             assert "upload again" in full.value.details()
-            assert await count_rows(connection) == {
-                "documents": 0,
-                "upload_jobs": 0,
-                "job_events": 0,
-            }
+            assert await count_rows(connection) == NO_ROWS
             assert stored_files(blob_dir) == []
             await assert_serving(gateway)
 
@@ -202,11 +202,7 @@ async def test_upload_storage_failures(cluster: Cluster, settings: Settings) -> 
             assert "not writable" in unwritable.value.details()
             assert "Not a directory" in unwritable.value.details()
             assert "upload again" in unwritable.value.details()
-            assert await count_rows(connection) == {
-                "documents": 0,
-                "upload_jobs": 0,
-                "job_events": 0,
-            }
+            assert await count_rows(connection) == NO_ROWS
             assert stored_files(blob_dir) == []
             await assert_serving(gateway)
 
@@ -245,11 +241,7 @@ async def test_unrecorded_upload_leaves_no_raw_file(
                 await upload(channel, document_text(9002, paragraphs=4), "doc.md")
         assert failed.value.code() == grpc.StatusCode.INTERNAL
         assert gateway.events("upload_orphan_removed")
-        assert await count_rows(connection) == {
-            "documents": 0,
-            "upload_jobs": 0,
-            "job_events": 0,
-        }
+        assert await count_rows(connection) == NO_ROWS
     finally:
         await connection.close()
     assert stored_files(settings.blob_dir) == []

@@ -1,4 +1,4 @@
-"""`ingestd up` tells a port in use from one a stopped service just left."""
+"""The port check of `ingestd up`: a listening port is in use, a TIME-WAIT port is free."""
 
 from __future__ import annotations
 
