@@ -213,6 +213,15 @@ class MarkdownChunker:
                 # token cut never lengthens a piece.
                 for part_start, part in self._enforce_char_limit(start, piece):
                     pieces.extend(self._enforce_limit(part_start, part))
+        # With overlap, the splitter's next chunk can start inside a piece
+        # that the character or token cut has split, so the parts are put in
+        # order of their start. Of parts with the same start the longest is
+        # kept, since it covers the others.
+        longest: dict[int, str] = {}
+        for start, piece in pieces:
+            if len(piece) > len(longest.get(start, "")):
+                longest[start] = piece
+        pieces = sorted(longest.items())
         chunks = []
         for ordinal, (start, piece) in enumerate(pieces):
             end = start + len(piece)
