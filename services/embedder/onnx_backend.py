@@ -22,6 +22,8 @@ import functools
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -277,6 +279,15 @@ class OnnxBackend:
         self.embed_version = (
             f"onnx-{self.graph}-w-{weights_sha}-seq{self.max_tokens}-unit"
         )
+        if (
+            self.graph != "fused"
+            and _read_json(model_dir / "config.json").get("model_type") == "bert"
+        ):
+            log.warning(
+                "the ONNX export of this BERT model holds the plain graph, because "
+                "the fused graph's vectors did not match it; embedding runs slower",
+                extra={"event": "onnx_unfused", "path": str(self.onnx_path)},
+            )
         # One call at a time keeps a search query's priority over batches.
         self._lock = PriorityLock()
 
@@ -295,7 +306,7 @@ class OnnxBackend:
                 "exporting the embedding model to ONNX",
                 extra={"event": "onnx_export", "path": str(onnx_path)},
             )
-            export_onnx(model_dir, onnx_path)
+            export_in_child(model_dir, onnx_path)
 
     def embed(self, texts: list[str], *, urgent: bool = False) -> np.ndarray:
         encodings = self._tokenizer.encode_batch(texts)
@@ -310,7 +321,32 @@ class OnnxBackend:
         return vectors
 
 
+def export_in_child(model_dir: Path, onnx_path: Path) -> None:
+    """Run export_onnx in a child process.
+
+    The export imports torch and transformers and holds the model several
+    times over while it fuses and checks the graph. In a child process none
+    of that stays in the service's memory once the file is written.
+    """
+    result = subprocess.run(
+        [sys.executable, "-m", __name__, str(model_dir), str(onnx_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"exporting {model_dir} to ONNX failed with exit status "
+            f"{result.returncode}: {result.stderr.strip()[-2000:]}"
+        )
+
+
 @functools.lru_cache(maxsize=4)
 def load_onnx(model_dir: Path, cache_dir: Path, threads: int = 0) -> OnnxBackend:
     """Load (and at first use export) a model once per process; later calls share it."""
     return OnnxBackend(model_dir, cache_dir, threads=threads)
+
+
+if __name__ == "__main__":
+    # Run by export_in_child: MODEL_DIR ONNX_PATH.
+    export_onnx(Path(sys.argv[1]), Path(sys.argv[2]))

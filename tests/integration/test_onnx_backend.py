@@ -11,7 +11,7 @@ import pytest
 
 from services.chunker.chunking import MarkdownChunker
 from services.embedder.backends import load_sentence_transformers
-from services.embedder.onnx_backend import OnnxBackend
+from services.embedder.onnx_backend import OnnxBackend, export_in_child
 from shared.hashing import normalize_text
 from tests.conftest import CORPUS, REPO_ROOT
 
@@ -102,3 +102,11 @@ def test_bert_model_is_exported_fused(onnx_backend: OnnxBackend) -> None:
     graph = onnx.load(str(onnx_backend.onnx_path)).graph
     operators = {node.op_type for node in graph.node}
     assert {"Attention", "SkipLayerNormalization"} <= operators
+
+
+def test_failed_export_names_the_cause(tmp_path: Path) -> None:
+    # The export runs in a child process; its error reaches the caller.
+    with pytest.raises(RuntimeError, match="failed with exit status") as excinfo:
+        export_in_child(tmp_path / "no-such-model", tmp_path / "model.onnx")
+    assert "no-such-model" in str(excinfo.value)
+    assert not (tmp_path / "model.onnx").exists()
