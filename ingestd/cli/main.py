@@ -406,7 +406,7 @@ def _show_progress(progress: Progress, task: int, job: resources_pb2.Job) -> Non
     "paths",
     nargs=-1,
     required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, path_type=Path),
 )
 @click.option(
     "--wait",
@@ -418,10 +418,20 @@ def _show_progress(progress: Progress, task: int, job: resources_pb2.Job) -> Non
 def upload(
     obj: dict, paths: tuple[Path, ...], wait: bool, password: str | None
 ) -> None:
-    """Upload files; with --wait, follow each to complete or failed."""
+    """Upload files and folders; with --wait, follow each to complete or failed.
+
+    A folder is searched recursively for .md, .markdown, .txt, .html, .htm
+    and .pdf files.
+    """
+    files = _expand(paths)
+    if not files:
+        fail(
+            "no documents to upload; the folders hold no .md, .markdown, .txt, "
+            ".html, .htm or .pdf files"
+        )
     with gateway_channel(obj) as channel:
         results = upload_paths(
-            channel, obj["user"], paths, wait=wait, password=password
+            channel, obj["user"], tuple(files), wait=wait, password=password
         )
     if any(job.status != resources_pb2.JOB_STATUS_COMPLETE for job in results if wait):
         sys.exit(1)
@@ -598,18 +608,26 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int, all_users: bool) -> N
                     "--all-users needs an admin key; leave it out to list your own jobs"
                 )
             fail(f"listing jobs failed: {rpc_error_text(exc)}")
-    if not response.jobs:
-        console.print("no jobs")
-        return
+        if not response.jobs:
+            console.print("no jobs")
+            return
+        names: dict[str, str] = {}
+        if not all_users:
+            try:
+                names = _file_names(stub, obj["user"], response.jobs)
+            except grpc.RpcError as exc:
+                fail(f"listing the jobs' documents failed: {rpc_error_text(exc)}")
     table = Table()
     # Ids and statuses are copied into other commands, so they never wrap.
     table.add_column("job", no_wrap=True, min_width=36)
     if all_users:
         table.add_column("user", no_wrap=True)
+    else:
+        table.add_column("file", overflow="fold")
     table.add_column("status", no_wrap=True, min_width=21)
     table.add_column("embedded", no_wrap=True, justify="right")
     for job in response.jobs:
-        owner = [job.user_id] if all_users else []
+        owner = [job.user_id] if all_users else [names.get(job.document_id, "")]
         table.add_row(
             job.job_id,
             *owner,
@@ -627,6 +645,153 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int, all_users: bool) -> N
                 highlight=False,
                 markup=False,
             )
+
+
+def _file_names(
+    stub: upload_grpc.UploadServiceStub,
+    user: str | None,
+    jobs: list[resources_pb2.Job],
+) -> dict[str, str]:
+    """Map the jobs' document ids to file names, reading documents newest first.
+
+    Jobs and documents are both listed newest first, so the first page of
+    documents usually names every job; later pages are read only while some
+    document is still missing.
+    """
+    wanted = {job.document_id for job in jobs}
+    names: dict[str, str] = {}
+    token = ""
+    while wanted - names.keys():
+        response = stub.ListDocuments(
+            upload_pb.ListDocumentsRequest(page_size=500, page_token=token),
+            metadata=call_metadata(user),
+            timeout=30,
+        )
+        names.update(
+            (document.document_id, document.filename) for document in response.documents
+        )
+        token = response.next_page_token
+        if not token:
+            break
+    return names
+
+
+@cli.command()
+@click.option(
+    "--limit", default=50, show_default=True, help="maximum documents to list"
+)
+@click.pass_obj
+def documents(obj: dict, limit: int) -> None:
+    """List your documents, newest first."""
+    if limit < 1:
+        fail(f"--limit is {limit}; give 1 or more")
+    found: list[resources_pb2.Document] = []
+    token = ""
+    with gateway_channel(obj) as channel:
+        stub = upload_grpc.UploadServiceStub(channel)
+        try:
+            while len(found) < limit:
+                response = stub.ListDocuments(
+                    upload_pb.ListDocumentsRequest(
+                        page_size=min(limit - len(found), 500), page_token=token
+                    ),
+                    metadata=call_metadata(obj["user"]),
+                    timeout=30,
+                )
+                found.extend(response.documents)
+                token = response.next_page_token
+                if not token:
+                    break
+        except grpc.RpcError as exc:
+            fail(f"listing documents failed: {rpc_error_text(exc)}")
+    if not found:
+        console.print("no documents")
+        return
+    table = Table()
+    table.add_column("document", no_wrap=True, min_width=36)
+    table.add_column("file", overflow="fold")
+    table.add_column("type", no_wrap=True)
+    table.add_column("bytes", no_wrap=True, justify="right")
+    table.add_column("pages", no_wrap=True, justify="right")
+    table.add_column("uploaded", no_wrap=True)
+    for document in found:
+        uploaded = document.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")
+        table.add_row(
+            document.document_id,
+            document.filename,
+            document.content_type,
+            f"{document.byte_size:,}",
+            str(document.page_count or ""),
+            uploaded,
+        )
+    console.print(table)
+
+
+@cli.command()
+@click.argument("document_ids", nargs=-1, required=True)
+@click.option("--yes", is_flag=True, help="delete without asking")
+@click.pass_obj
+def delete(obj: dict, document_ids: tuple[str, ...], yes: bool) -> None:
+    """Delete documents with their jobs, chunks and stored file."""
+    noun = "document" if len(document_ids) == 1 else "documents"
+    if not yes and not click.confirm(
+        f"delete {len(document_ids)} {noun} and everything ingested from them?"
+    ):
+        fail("nothing deleted")
+    failures = 0
+    with gateway_channel(obj) as channel:
+        stub = upload_grpc.UploadServiceStub(channel)
+        for document_id in document_ids:
+            try:
+                response = stub.DeleteDocument(
+                    upload_pb.DeleteDocumentRequest(document_id=document_id),
+                    metadata=call_metadata(obj["user"]),
+                    timeout=60,
+                )
+            except grpc.RpcError as exc:
+                err_console.print(
+                    f"[red]deleting {document_id} failed:[/red] {rpc_error_text(exc)}",
+                    highlight=False,
+                )
+                failures += 1
+                continue
+            console.print(
+                f"deleted {response.document_id}: {response.chunks_deleted} chunks, "
+                f"{response.jobs_deleted} jobs",
+                highlight=False,
+            )
+    if failures:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@click.pass_obj
+def retry(obj: dict, job_ids: tuple[str, ...]) -> None:
+    """Run failed jobs again from their last durable step."""
+    failures = 0
+    with gateway_channel(obj) as channel:
+        stub = upload_grpc.UploadServiceStub(channel)
+        for job_id in job_ids:
+            try:
+                response = stub.RetryJob(
+                    upload_pb.RetryJobRequest(job_id=job_id),
+                    metadata=call_metadata(obj["user"]),
+                    timeout=30,
+                )
+            except grpc.RpcError as exc:
+                err_console.print(
+                    f"[red]retrying {job_id} failed:[/red] {rpc_error_text(exc)}",
+                    highlight=False,
+                )
+                failures += 1
+                continue
+            console.print(
+                f"{response.job.job_id}: {status_name(response.job.status)}",
+                highlight=False,
+            )
+    if failures:
+        sys.exit(1)
 
 
 @cli.command()
