@@ -655,7 +655,7 @@ def _file_names(
     """Map the jobs' document ids to file names, reading documents newest first.
 
     Jobs and documents are both listed newest first, so the first page of
-    documents usually names every job; later pages are read only while some
+    documents usually names every job. Later pages are read only while some
     document is still missing.
     """
     wanted = {job.document_id for job in jobs}
@@ -704,9 +704,11 @@ def documents(obj: dict, limit: int) -> None:
                     break
         except grpc.RpcError as exc:
             fail(f"listing documents failed: {rpc_error_text(exc)}")
+
     if not found:
         console.print("no documents")
         return
+
     table = Table()
     table.add_column("document", no_wrap=True, min_width=36)
     table.add_column("file", overflow="fold")

@@ -41,6 +41,18 @@ def wait_serving(
     pytest.fail(f"gateway on port {port} did not become healthy")
 
 
+INGESTD = [sys.executable, "-c", "from ingestd.cli import main; main()"]
+
+
+def run_cli(
+    env: dict[str, str], *arguments: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run one ingestd command in a child process and capture its output."""
+    return subprocess.run(
+        [*INGESTD, *arguments], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_up_upload_search_and_ctrl_c(database_url: str, tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("gateway", "chunker", "embedder")}
     env = dict(os.environ)
@@ -55,9 +67,8 @@ def test_up_upload_search_and_ctrl_c(database_url: str, tmp_path: Path) -> None:
             },
         }
     )
-    ingestd = [sys.executable, "-c", "from ingestd.cli import main; main()"]
     up = subprocess.Popen(
-        [*ingestd, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [*INGESTD, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
         for port in ports.values():
@@ -71,45 +82,25 @@ def test_up_upload_search_and_ctrl_c(database_url: str, tmp_path: Path) -> None:
         )
         (folder / "herons.txt").write_text("Herons stand still in shallow water.\n")
         (folder / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-        uploaded = subprocess.run(
-            [*ingestd, "upload", str(folder), "--wait"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        uploaded = run_cli(env, "upload", str(folder), "--wait", timeout=300)
         assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
         # The folder's two documents were uploaded; the PNG was named and skipped.
         assert "otters.md: document" in uploaded.stdout
         assert "herons.txt: document" in uploaded.stdout
         assert "skipping 1 file(s)" in uploaded.stderr
         assert "photo.png" in uploaded.stderr
-        found = subprocess.run(
-            [*ingestd, "search", "why do otters hold hands"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        found = run_cli(env, "search", "why do otters hold hands", timeout=120)
         assert found.returncode == 0, found.stderr
         assert "otters.md" in found.stdout
         wide = {**env, "COLUMNS": "200"}
-        listed = subprocess.run(
-            [*ingestd, "jobs"], env=wide, capture_output=True, text=True, timeout=60
-        )
+        listed = run_cli(wide, "jobs", timeout=60)
         assert listed.returncode == 0, listed.stderr
         rows = [line for line in listed.stdout.splitlines() if "complete" in line]
         assert len(rows) == 2
         assert any("otters.md" in row for row in rows)
         assert any("herons.txt" in row for row in rows)
 
-        documents = subprocess.run(
-            [*ingestd, "documents"],
-            env=wide,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        documents = run_cli(wide, "documents", timeout=60)
         assert documents.returncode == 0, documents.stderr
         herons = next(
             line for line in documents.stdout.splitlines() if "herons.txt" in line
@@ -119,55 +110,25 @@ def test_up_upload_search_and_ctrl_c(database_url: str, tmp_path: Path) -> None:
 
         # A job that is not failed cannot be retried, and the error says so.
         job_id = rows[0].split()[1]
-        retried = subprocess.run(
-            [*ingestd, "retry", job_id],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        retried = run_cli(env, "retry", job_id, timeout=60)
         assert retried.returncode == 1
         assert "FAILED_PRECONDITION" in retried.stderr
 
-        deleted = subprocess.run(
-            [*ingestd, "delete", herons_id, "--yes"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        deleted = run_cli(env, "delete", herons_id, "--yes", timeout=60)
         assert deleted.returncode == 0, deleted.stderr
         assert f"deleted {herons_id}: 1 chunks, 1 jobs" in deleted.stdout
-        documents = subprocess.run(
-            [*ingestd, "documents"],
-            env=wide,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        documents = run_cli(wide, "documents", timeout=60)
         assert "herons.txt" not in documents.stdout
         assert "otters.md" in documents.stdout
 
         # Text of zero-width spaces only fails to parse; retry runs it again.
         blank = tmp_path / "blank.txt"
         blank.write_text("\u200b" * 40 + "\n")
-        failed = subprocess.run(
-            [*ingestd, "upload", str(blank), "--wait"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        failed = run_cli(env, "upload", str(blank), "--wait", timeout=300)
         assert failed.returncode == 1
         assert "failed_parse: unreadable_text" in " ".join(failed.stderr.split())
         failed_job = failed.stdout.split(" job ")[1].split()[0]
-        retried = subprocess.run(
-            [*ingestd, "retry", failed_job],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        retried = run_cli(env, "retry", failed_job, timeout=60)
         assert retried.returncode == 0, retried.stderr
         assert retried.stdout.strip() == f"{failed_job}: uploaded"
     finally:
