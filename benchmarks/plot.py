@@ -57,19 +57,39 @@ def plot(result_path: Path, output: Path) -> None:
     figure.savefig(output)
 
 
+def newest_sweep() -> Path:
+    """Return the newer of the two result files that can hold a sweep.
+
+    ``--sweep-only`` writes backend_sweep.json and ``--sweep`` writes the
+    sweep into pipeline_vs_encode.json; the plot shows the latest one.
+    """
+    candidates = []
+    for name in ("backend_sweep.json", "pipeline_vs_encode.json"):
+        path = harness.RESULTS_DIR / name
+        if path.is_file() and "sweep" in json.loads(path.read_text()):
+            candidates.append(path)
+    if not candidates:
+        raise SystemExit(
+            f"no sweep in {harness.RESULTS_DIR}; run "
+            "python -m benchmarks.pipeline_vs_encode --sweep"
+        )
+    return max(candidates, key=lambda path: path.stat().st_mtime)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--result",
         type=Path,
-        default=harness.RESULTS_DIR / "backend_sweep.json",
-        help="pipeline_vs_encode result with a sweep (--sweep or --sweep-only)",
+        default=None,
+        help="pipeline_vs_encode result with a sweep (--sweep or --sweep-only) "
+        "[default: the newer of the two in benchmarks/results]",
     )
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help="PNG to write"
     )
     args = parser.parse_args()
-    plot(args.result, args.output)
+    plot(args.result or newest_sweep(), args.output)
     print(f"plot: {args.output}")
 
 

@@ -318,7 +318,7 @@ def main() -> None:
         "rounds (default: 3, or 1 with --smoke)",
     )
     args = parser.parse_args()
-    total = args.jobs or (200 if args.smoke else 5000)
+    total = args.jobs or (200 if args.smoke else 20000)
     rounds = args.rounds or (1 if args.smoke else 3)
 
     with harness.embedded_postgres() as server_url:
