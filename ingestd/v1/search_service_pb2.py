@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fingestd/v1/search_service.proto\x12\ningestd.v1\"V\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x14\n\x0c\x64ocument_ids\x18\x03 \x03(\t\x12\x11\n\tmin_score\x18\x04 \x01(\x02\"\xb3\x01\n\x0cSearchResult\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\tchunk_ord\x18\x06 \x01(\x05\x12\x12\n\npage_start\x18\x07 \x01(\x05\x12\x10\n\x08page_end\x18\x08 \x01(\x05\x12\x14\n\x0cheading_path\x18\t \x03(\t\"g\n\x0eSearchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.ingestd.v1.SearchResult\x12\x13\n\x0b\x65mbed_model\x18\x02 \x01(\t\x12\x15\n\rembed_version\x18\x03 \x01(\t2P\n\rSearchService\x12?\n\x06Search\x12\x19.ingestd.v1.SearchRequest\x1a\x1a.ingestd.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fingestd/v1/search_service.proto\x12\ningestd.v1\"V\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x14\n\x0c\x64ocument_ids\x18\x03 \x03(\t\x12\x11\n\tmin_score\x18\x04 \x01(\x02\"\xb3\x01\n\x0cSearchResult\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\tchunk_ord\x18\x06 \x01(\x05\x12\x12\n\npage_start\x18\x07 \x01(\x05\x12\x10\n\x08page_end\x18\x08 \x01(\x05\x12\x14\n\x0cheading_path\x18\t \x03(\t\"\x88\x01\n\x0eSearchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.ingestd.v1.SearchResult\x12\x13\n\x0b\x65mbed_model\x18\x02 \x01(\t\x12\x15\n\rembed_version\x18\x03 \x01(\t\x12\x1f\n\x17other_version_documents\x18\x04 \x01(\x05\x32P\n\rSearchService\x12?\n\x06Search\x12\x19.ingestd.v1.SearchRequest\x1a\x1a.ingestd.v1.SearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHREQUEST']._serialized_end=133
   _globals['_SEARCHRESULT']._serialized_start=136
   _globals['_SEARCHRESULT']._serialized_end=315
-  _globals['_SEARCHRESPONSE']._serialized_start=317
-  _globals['_SEARCHRESPONSE']._serialized_end=420
-  _globals['_SEARCHSERVICE']._serialized_start=422
-  _globals['_SEARCHSERVICE']._serialized_end=502
+  _globals['_SEARCHRESPONSE']._serialized_start=318
+  _globals['_SEARCHRESPONSE']._serialized_end=454
+  _globals['_SEARCHSERVICE']._serialized_start=456
+  _globals['_SEARCHSERVICE']._serialized_end=536
 # @@protoc_insertion_point(module_scope)

@@ -123,10 +123,17 @@ class SearchResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     EMBED_MODEL_FIELD_NUMBER: _builtins.int
     EMBED_VERSION_FIELD_NUMBER: _builtins.int
+    OTHER_VERSION_DOCUMENTS_FIELD_NUMBER: _builtins.int
     embed_model: _builtins.str
     """The embedding model that embedded the query."""
     embed_version: _builtins.str
     """The version of that model."""
+    other_version_documents: _builtins.int
+    """Set when fewer than top_k results came back: the number of the user's
+    documents whose chunks were all embedded with another model or version,
+    so that this search could not consider them. Uploading such a document
+    again embeds it with the current version.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchResult]:
         """The results, best first."""
@@ -137,10 +144,11 @@ class SearchResponse(_message.Message):
         results: _abc.Iterable[Global___SearchResult] | None = ...,
         embed_model: _builtins.str = ...,
         embed_version: _builtins.str = ...,
+        other_version_documents: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embed_model", b"embed_model", "embed_version", b"embed_version", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embed_model", b"embed_model", "embed_version", b"embed_version", "other_version_documents", b"other_version_documents", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -35,6 +35,19 @@ ORDER BY c.embedding <=> $1
 LIMIT $6
 """
 
+# Documents of the user with searchable chunks, none of them embedded with
+# the model and version of the query: a search cannot find them.
+OTHER_VERSION_DOCUMENTS_SQL = """
+SELECT count(*) FROM (
+    SELECT document_id
+    FROM document_chunks
+    WHERE user_id = $1
+      AND (cardinality($4::uuid[]) = 0 OR document_id = ANY($4::uuid[]))
+    GROUP BY document_id
+    HAVING bool_and(embed_model <> $2 OR embed_version <> $3)
+) AS unreachable
+"""
+
 
 class SearchServicer(pb_grpc.SearchServiceServicer):
     """Implements ingestd.v1.SearchService."""
@@ -154,6 +167,17 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 document_ids,
                 top_k,
             )
+            # Counted only when results are short, so a full page costs
+            # nothing extra.
+            other_versions = 0
+            if len(rows) < top_k:
+                other_versions = await connection.fetchval(
+                    OTHER_VERSION_DOCUMENTS_SQL,
+                    current_user(),
+                    embedded.embed_model,
+                    embedded.embed_version,
+                    document_ids,
+                )
         results = []
         for row in rows:
             score = float(row["score"])
@@ -177,6 +201,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             results=results,
             embed_model=embedded.embed_model,
             embed_version=embedded.embed_version,
+            other_version_documents=other_versions,
         )
 
     async def _check_documents_exist(

@@ -209,6 +209,42 @@ async def test_delete_document_removes_search_results(pipeline: Pipeline, pool) 
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_search_counts_documents_of_another_embed_version(
+    pipeline: Pipeline, pool
+) -> None:
+    # Switching the embedder's backend or model leaves earlier documents with
+    # vectors a query cannot be compared with; the response counts them.
+    data = b"# Quokkas\n\nQuokkas live on Rottnest Island and smile for photos.\n"
+    response = await upload(pipeline, data, "quokka.md")
+    assert (await wait_terminal(pipeline, response.job.job_id)).status == COMPLETE
+    search = search_service_pb2_grpc.SearchServiceStub(pipeline.gateway_channel)
+    request = search_service_pb2.SearchRequest(
+        query="quokka island", top_k=10, document_ids=[response.document.document_id]
+    )
+    before = await search.Search(request)
+    assert [r.document_id for r in before.results] == [response.document.document_id]
+    assert before.other_version_documents == 0
+
+    document_id = uuid.UUID(response.document.document_id)
+    async with pool.acquire() as connection:
+        await connection.execute(
+            "UPDATE document_chunks SET embed_version = 'older-version' "
+            "WHERE document_id = $1",
+            document_id,
+        )
+    try:
+        after = await search.Search(request)
+        assert list(after.results) == []
+        assert after.other_version_documents == 1
+    finally:
+        async with pool.acquire() as connection:
+            await connection.execute(
+                "UPDATE document_chunks SET embed_version = $2 WHERE document_id = $1",
+                document_id,
+                before.embed_version,
+            )
+
+
 async def test_get_job_errors_use_status_codes(pipeline: Pipeline) -> None:
     stub = upload_grpc.UploadServiceStub(pipeline.gateway_channel)
     with pytest.raises(grpc.aio.AioRpcError) as malformed:
