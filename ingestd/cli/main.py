@@ -22,8 +22,14 @@ from ingestd.v1 import upload_service_pb2_grpc as upload_grpc
 from shared.config import Settings, SettingsError, get_settings
 from shared.logging import configure_logging
 
+# Output that goes to a file or a pipe is not cut to 80 columns: ids and
+# file names stay whole on one line, for grep and for copying.
+PIPED_WIDTH = 200
 console = Console()
 err_console = Console(stderr=True)
+for _output in (console, err_console):
+    if not _output.is_terminal:
+        _output.width = max(_output.width, PIPED_WIDTH)
 
 TERMINAL = {
     resources_pb2.JOB_STATUS_COMPLETE,
@@ -38,6 +44,11 @@ POLL_SECONDS = 1.0
 
 def status_name(value: int) -> str:
     return resources_pb2.JobStatus.Name(value).removeprefix("JOB_STATUS_").lower()
+
+
+def plural(count: int, noun: str) -> str:
+    """Return "1 chunk" or "3 chunks"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def fail(message: str) -> None:
@@ -425,9 +436,10 @@ def upload(
     """
     files = _expand(paths)
     if not files:
+        names = ", ".join(str(path) for path in paths)
         fail(
-            "no documents to upload; the folders hold no .md, .markdown, .txt, "
-            ".html, .htm or .pdf files"
+            f"no documents to upload in {names}: no .md, .markdown, .txt, .html, "
+            ".htm or .pdf files there"
         )
     with gateway_channel(obj) as channel:
         results = upload_paths(
@@ -463,9 +475,14 @@ def upload_paths(
             )
             failures += 1
             continue
-        note = " (already uploaded)" if response.duplicate else ""
+        note = ""
+        if response.duplicate:
+            note = f" (already uploaded; job {status_name(response.job.status)})"
         console.print(
-            f"{path.name}: document {response.document.document_id} job {response.job.job_id}{note}"
+            f"{path.name}: document {response.document.document_id} "
+            f"job {response.job.job_id}{note}",
+            soft_wrap=True,
+            highlight=False,
         )
         responses.append((path, response))
     if failures and not responses:
@@ -502,7 +519,9 @@ def upload_paths(
 
 @cli.command()
 @click.argument("query")
-@click.option("--top-k", default=5, show_default=True, help="number of results")
+@click.option(
+    "--top-k", default=5, show_default=True, help="number of results, 1 to 100"
+)
 @click.option(
     "--min-score",
     default=0.0,
@@ -536,10 +555,21 @@ def print_search(
         )
     except grpc.RpcError as exc:
         fail(f"search failed: {rpc_error_text(exc)}")
+    if response.other_version_documents:
+        count = response.other_version_documents
+        err_console.print(
+            f"[yellow]{count} of your documents {'was' if count == 1 else 'were'} "
+            f"embedded with another model or version than the embedder's "
+            f"{response.embed_model} {response.embed_version}, so this search "
+            "skipped them; upload them again to embed them with it[/yellow]",
+            highlight=False,
+        )
     if not response.results:
         console.print(
-            f"no results with a score of at least {min_score}: this user has no "
-            "complete document that matches (try --min-score -1 to see weak matches)"
+            f"no results with a score of at least {min_score} among the documents "
+            f"embedded with {response.embed_model} {response.embed_version} "
+            "(try --min-score -1 to see weak matches)",
+            highlight=False,
         )
         return
     for rank, result in enumerate(response.results, start=1):
@@ -735,11 +765,14 @@ def documents(obj: dict, limit: int) -> None:
 @click.pass_obj
 def delete(obj: dict, document_ids: tuple[str, ...], yes: bool) -> None:
     """Delete documents with their jobs, chunks and stored file."""
-    noun = "document" if len(document_ids) == 1 else "documents"
-    if not yes and not click.confirm(
-        f"delete {len(document_ids)} {noun} and everything ingested from them?"
-    ):
-        fail("nothing deleted")
+    question = (
+        f"delete document {document_ids[0]} and everything ingested from it?"
+        if len(document_ids) == 1
+        else f"delete {len(document_ids)} documents and everything ingested from them?"
+    )
+    if not yes and not click.confirm(question):
+        console.print("nothing deleted")
+        return
     failures = 0
     with gateway_channel(obj) as channel:
         stub = upload_grpc.UploadServiceStub(channel)
@@ -751,15 +784,20 @@ def delete(obj: dict, document_ids: tuple[str, ...], yes: bool) -> None:
                     timeout=60,
                 )
             except grpc.RpcError as exc:
+                hint = ""
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    hint = "\n`ingestd documents` lists the ids of your documents."
                 err_console.print(
-                    f"[red]deleting {document_id} failed:[/red] {rpc_error_text(exc)}",
+                    f"[red]deleting {document_id} failed:[/red] "
+                    f"{rpc_error_text(exc)}{hint}",
                     highlight=False,
                 )
                 failures += 1
                 continue
             console.print(
-                f"deleted {response.document_id}: {response.chunks_deleted} chunks, "
-                f"{response.jobs_deleted} jobs",
+                f"deleted {response.document_id}: "
+                f"{plural(response.chunks_deleted, 'chunk')}, "
+                f"{plural(response.jobs_deleted, 'job')}",
                 highlight=False,
             )
     if failures:
@@ -782,8 +820,11 @@ def retry(obj: dict, job_ids: tuple[str, ...]) -> None:
                     timeout=30,
                 )
             except grpc.RpcError as exc:
+                hint = ""
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    hint = "\n`ingestd jobs` lists the ids of your jobs."
                 err_console.print(
-                    f"[red]retrying {job_id} failed:[/red] {rpc_error_text(exc)}",
+                    f"[red]retrying {job_id} failed:[/red] {rpc_error_text(exc)}{hint}",
                     highlight=False,
                 )
                 failures += 1
