@@ -487,7 +487,17 @@ async def test_stalled_uploads_limited_and_ended(pipeline: Pipeline) -> None:
         )
         for n in range(limit)
     ]
-    await asyncio.sleep(0.5)
+    # A stream holds its slot from before it opens its temporary file, so
+    # once every stream's file exists, every slot is taken. Waiting for the
+    # files instead of a fixed time keeps this test right on a loaded
+    # machine.
+    parts = pipeline.settings.blob_dir / "tmp"
+    for _ in range(3000):
+        if len(list(parts.glob("*.part"))) >= limit:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        pytest.fail(f"the {limit} stalled uploads did not all start within 60 s")
     with pytest.raises(grpc.aio.AioRpcError) as extra:
         await upload(pipeline, b"one upload too many\n", "extra.txt")
     listed = await stub.ListJobs(upload_pb.ListJobsRequest())
