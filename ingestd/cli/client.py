@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import collections
 import mimetypes
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
+import tenacity
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from ingestd.v1 import upload_service_pb2 as upload_pb
 from shared.tls import channel_credentials
+
+T = TypeVar("T")
 
 UPLOAD_CHUNK_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -118,3 +124,50 @@ def upload_requests(
     with path.open("rb") as handle:
         while block := handle.read(UPLOAD_CHUNK_BYTES):
             yield upload_pb.UploadRequest(chunk=block)
+
+
+# Refusals that say "not now" rather than "not this": the per-key rate limit
+# and the gateway's limits on uploads in progress. The CLI waits and tries
+# again, so a folder of many files is uploaded in full.
+RETRYABLE_REASONS = frozenset(
+    {"RATE_LIMITED", "TOO_MANY_UPLOADS", "TOO_MANY_UPLOADS_FOR_USER"}
+)
+# How long the CLI keeps trying one call before it reports the refusal.
+RETRY_SECONDS = 120.0
+
+
+def error_reason(error: grpc.RpcError) -> str | None:
+    """Return the ErrorInfo reason of a failed call, if the server sent one."""
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:
+        # The rich status does not match the call's own code or message.
+        return None
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return None
+
+
+def is_retryable(error: BaseException) -> bool:
+    """True for a RESOURCE_EXHAUSTED refusal that a later try can pass."""
+    return (
+        isinstance(error, grpc.RpcError)
+        and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        and error_reason(error) in RETRYABLE_REASONS
+    )
+
+
+def with_retries(call: Callable[[], T]) -> T:
+    """Run call, trying again with growing waits while the gateway says "not now"."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_retryable),
+        wait=tenacity.wait_exponential(multiplier=0.25, max=5.0),
+        stop=tenacity.stop_after_delay(RETRY_SECONDS),
+        reraise=True,
+    )
+    return retrying(call)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import re
 import signal
 import sys
 import time
@@ -11,11 +13,17 @@ from pathlib import Path
 import click
 import grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ingestd.cli import keys, supervisor
-from ingestd.cli.client import call_metadata, open_channel, upload_requests
+from ingestd.cli.client import (
+    call_metadata,
+    open_channel,
+    upload_requests,
+    with_retries,
+)
 from ingestd.v1 import resources_pb2, search_service_pb2, search_service_pb2_grpc
 from ingestd.v1 import upload_service_pb2 as upload_pb
 from ingestd.v1 import upload_service_pb2_grpc as upload_grpc
@@ -52,8 +60,18 @@ def plural(count: int, noun: str) -> str:
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}")
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     sys.exit(1)
+
+
+# Control and direction-override characters in a local file name would move
+# the cursor, recolour the terminal or reorder the line when printed.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(value: object) -> str:
+    """Return a local path or a server's text safe to print as rich markup."""
+    return escape(_UNPRINTABLE.sub("?", str(value)))
 
 
 # Where the CLI took its API key from, for the hint after UNAUTHENTICATED.
@@ -359,8 +377,10 @@ def _upload_one(
     user: str | None,
     password: str | None,
 ) -> upload_pb.UploadResponse:
-    return stub.Upload(
-        upload_requests(path, password), metadata=call_metadata(user), timeout=600
+    return with_retries(
+        lambda: stub.Upload(
+            upload_requests(path, password), metadata=call_metadata(user), timeout=600
+        )
     )
 
 
@@ -434,18 +454,21 @@ def upload(
     A folder is searched recursively for .md, .markdown, .txt, .html, .htm
     and .pdf files.
     """
-    files = _expand(paths)
+    files, unreadable = _expand(paths)
     if not files:
         names = ", ".join(str(path) for path in paths)
         fail(
-            f"no documents to upload in {names}: no .md, .markdown, .txt, .html, "
-            ".htm or .pdf files there"
+            f"no documents to upload in {names}: no readable .md, .markdown, .txt, "
+            ".html, .htm or .pdf files there"
         )
     with gateway_channel(obj) as channel:
-        results = upload_paths(
+        results, failures = upload_paths(
             channel, obj["user"], tuple(files), wait=wait, password=password
         )
-    if any(job.status != resources_pb2.JOB_STATUS_COMPLETE for job in results if wait):
+    incomplete = wait and any(
+        job.status != resources_pb2.JOB_STATUS_COMPLETE for job in results
+    )
+    if unreadable or failures or incomplete:
         sys.exit(1)
 
 
@@ -456,11 +479,11 @@ def upload_paths(
     *,
     wait: bool,
     password: str | None = None,
-) -> list[resources_pb2.Job]:
-    """Upload paths and optionally watch them; return the final jobs.
+) -> tuple[list[resources_pb2.Job], int]:
+    """Upload paths and optionally watch them; return the final jobs and the failures.
 
-    A file the gateway rejects is reported and skipped. The command exits
-    with status 1 when every file was rejected.
+    A file the gateway rejects is reported and skipped, and counts as a
+    failure. The command exits with status 1 when every file was rejected.
     """
     stub = upload_grpc.UploadServiceStub(channel)
     responses = []
@@ -471,7 +494,8 @@ def upload_paths(
         except grpc.RpcError as exc:
             # One rejected file must not stop the others.
             err_console.print(
-                f"[red]upload of {path} failed:[/red] {rpc_error_text(exc)}"
+                f"[red]upload of {shown(path)} failed:[/red] {shown(rpc_error_text(exc))}",
+                highlight=False,
             )
             failures += 1
             continue
@@ -479,7 +503,7 @@ def upload_paths(
         if response.duplicate:
             note = f" (already uploaded; job {status_name(response.job.status)})"
         console.print(
-            f"{path.name}: document {response.document.document_id} "
+            f"{shown(path.name)}: document {response.document.document_id} "
             f"job {response.job.job_id}{note}",
             soft_wrap=True,
             highlight=False,
@@ -488,7 +512,7 @@ def upload_paths(
     if failures and not responses:
         sys.exit(1)
     if not wait:
-        return [response.job for _, response in responses]
+        return [response.job for _, response in responses], failures
     columns = (
         TextColumn("{task.description}", style="bold"),
         BarColumn(),
@@ -503,7 +527,9 @@ def upload_paths(
         futures = []
         for path, response in responses:
             task = progress.add_task(
-                path.name[:40], total=None, status=status_name(response.job.status)
+                shown(path.name[:40]),
+                total=None,
+                status=status_name(response.job.status),
             )
             futures.append(
                 pool.submit(_watch, stub, response.job.job_id, user, progress, task)
@@ -512,9 +538,11 @@ def upload_paths(
     for (path, _), job in zip(responses, jobs, strict=True):
         if job.status != resources_pb2.JOB_STATUS_COMPLETE:
             err_console.print(
-                f"[red]{path.name}: {status_name(job.status)}: {job.last_error.code}: {job.last_error.message}[/red]"
+                f"[red]{shown(path.name)}: {status_name(job.status)}: "
+                f"{shown(job.last_error.code)}: {shown(job.last_error.message)}[/red]",
+                highlight=False,
             )
-    return jobs
+    return jobs, failures
 
 
 @cli.command()
@@ -585,7 +613,9 @@ def print_search(
                 + (f", {where}" if where else "")
             )
         console.print(
-            f"[bold]{rank}. {result.filename}[/bold]  score {result.score:.3f}  {where}"
+            f"[bold]{rank}. {shown(result.filename)}[/bold]  "
+            f"score {result.score:.3f}  {shown(where)}",
+            highlight=False,
         )
         snippet = " ".join(result.text.split())[:300]
         console.print(f"   {snippet}", highlight=False, markup=False)
@@ -657,7 +687,7 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int, all_users: bool) -> N
     table.add_column("status", no_wrap=True, min_width=21)
     table.add_column("embedded", no_wrap=True, justify="right")
     for job in response.jobs:
-        owner = [job.user_id] if all_users else [names.get(job.document_id, "")]
+        owner = [shown(job.user_id if all_users else names.get(job.document_id, ""))]
         table.add_row(
             job.job_id,
             *owner,
@@ -750,8 +780,8 @@ def documents(obj: dict, limit: int) -> None:
         uploaded = document.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")
         table.add_row(
             document.document_id,
-            document.filename,
-            document.content_type,
+            shown(document.filename),
+            shown(document.content_type),
             f"{document.byte_size:,}",
             str(document.page_count or ""),
             uploaded,
@@ -770,6 +800,11 @@ def delete(obj: dict, document_ids: tuple[str, ...], yes: bool) -> None:
         if len(document_ids) == 1
         else f"delete {len(document_ids)} documents and everything ingested from them?"
     )
+    if not yes and not sys.stdin.isatty():
+        fail(
+            "deleting needs a confirmation and input is not a terminal; "
+            "pass --yes to delete without asking"
+        )
     if not yes and not click.confirm(question):
         console.print("nothing deleted")
         return
@@ -778,18 +813,20 @@ def delete(obj: dict, document_ids: tuple[str, ...], yes: bool) -> None:
         stub = upload_grpc.UploadServiceStub(channel)
         for document_id in document_ids:
             try:
-                response = stub.DeleteDocument(
-                    upload_pb.DeleteDocumentRequest(document_id=document_id),
-                    metadata=call_metadata(obj["user"]),
-                    timeout=60,
+                response = with_retries(
+                    lambda document_id=document_id: stub.DeleteDocument(
+                        upload_pb.DeleteDocumentRequest(document_id=document_id),
+                        metadata=call_metadata(obj["user"]),
+                        timeout=60,
+                    )
                 )
             except grpc.RpcError as exc:
                 hint = ""
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     hint = "\n`ingestd documents` lists the ids of your documents."
                 err_console.print(
-                    f"[red]deleting {document_id} failed:[/red] "
-                    f"{rpc_error_text(exc)}{hint}",
+                    f"[red]deleting {shown(document_id[:80])} failed:[/red] "
+                    f"{shown(rpc_error_text(exc))}{hint}",
                     highlight=False,
                 )
                 failures += 1
@@ -814,17 +851,20 @@ def retry(obj: dict, job_ids: tuple[str, ...]) -> None:
         stub = upload_grpc.UploadServiceStub(channel)
         for job_id in job_ids:
             try:
-                response = stub.RetryJob(
-                    upload_pb.RetryJobRequest(job_id=job_id),
-                    metadata=call_metadata(obj["user"]),
-                    timeout=30,
+                response = with_retries(
+                    lambda job_id=job_id: stub.RetryJob(
+                        upload_pb.RetryJobRequest(job_id=job_id),
+                        metadata=call_metadata(obj["user"]),
+                        timeout=30,
+                    )
                 )
             except grpc.RpcError as exc:
                 hint = ""
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     hint = "\n`ingestd jobs` lists the ids of your jobs."
                 err_console.print(
-                    f"[red]retrying {job_id} failed:[/red] {rpc_error_text(exc)}{hint}",
+                    f"[red]retrying {shown(job_id[:80])} failed:[/red] "
+                    f"{shown(rpc_error_text(exc))}{hint}",
                     highlight=False,
                 )
                 failures += 1
@@ -853,11 +893,7 @@ def demo(obj: dict, query: str, paths: tuple[Path, ...]) -> None:
     """
     configure_logging("WARNING", "text")
     settings: Settings = obj["settings"]
-    files = (
-        _expand(paths)
-        if paths
-        else _expand((SAMPLE_DIR, SAMPLE_DIR.parent / "README.md"))
-    )
+    files, _ = _expand(paths or (SAMPLE_DIR, SAMPLE_DIR.parent / "README.md"))
     if not files:
         fail(
             "no documents to ingest; pass files or folders of .md, .txt, .html or .pdf files"
@@ -887,32 +923,48 @@ def demo(obj: dict, query: str, paths: tuple[Path, ...]) -> None:
         supervisor.stop_services(children, settings.shutdown_grace_seconds)
 
 
-def _expand(paths: tuple[Path, ...]) -> list[Path]:
+def _expand(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
     """List the files to ingest: given files, and documents inside given folders.
 
     Files in a folder whose suffix is not a document type are skipped and
-    named on stderr.
+    named on stderr, and so are files and folders that cannot be read.
+    Returns the files and the number that cannot be read.
     """
     suffixes = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf"}
     files: list[Path] = []
     skipped: list[Path] = []
+    unreadable: list[str] = []
+
+    def note_error(error: OSError) -> None:
+        unreadable.append(f"{error.filename}: {error.strerror}")
+
     for path in paths:
         if path.is_dir():
-            for found in sorted(p for p in path.rglob("*") if p.is_file()):
-                if found.suffix.lower() in suffixes:
-                    files.append(found)
-                else:
+            found_here: list[Path] = []
+            for folder, _, names in os.walk(path, onerror=note_error):
+                found_here.extend(Path(folder) / name for name in names)
+            for found in sorted(found_here):
+                if found.suffix.lower() not in suffixes:
                     skipped.append(found)
+                elif not found.is_file() or not os.access(found, os.R_OK):
+                    unreadable.append(f"{found}: not a readable file")
+                else:
+                    files.append(found)
         elif path.is_file():
             files.append(path)
+        else:
+            unreadable.append(f"{path}: not a regular file or folder")
     if skipped:
         names = ", ".join(str(path) for path in skipped[:10])
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         err_console.print(
             f"skipping {len(skipped)} file(s) that are not .md, .markdown, .txt, "
-            f".html, .htm or .pdf: {names}{more}"
+            f".html, .htm or .pdf: {shown(names)}{more}",
+            highlight=False,
         )
-    return files
+    for problem in unreadable:
+        err_console.print(f"[red]cannot read[/red] {shown(problem)}", highlight=False)
+    return files, len(unreadable)
 
 
 def main() -> None:

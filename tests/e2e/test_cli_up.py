@@ -49,7 +49,12 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run one ingestd command in a child process and capture its output."""
     return subprocess.run(
-        [*INGESTD, *arguments], env=env, capture_output=True, text=True, timeout=timeout
+        [*INGESTD, *arguments],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -80,13 +85,16 @@ def test_up_upload_search_and_ctrl_c(database_url: str, tmp_path: Path) -> None:
         document.write_text(
             "# Otters\n\nSea otters hold hands while they sleep so they do not drift apart.\n"
         )
-        (folder / "herons.txt").write_text("Herons stand still in shallow water.\n")
+        # Brackets would be rich markup if the CLI did not escape file names.
+        (folder / "herons [draft].txt").write_text(
+            "Herons stand still in shallow water.\n"
+        )
         (folder / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n")
         uploaded = run_cli(env, "upload", str(folder), "--wait", timeout=300)
         assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
         # The folder's two documents were uploaded; the PNG was named and skipped.
         assert "otters.md: document" in uploaded.stdout
-        assert "herons.txt: document" in uploaded.stdout
+        assert "herons [draft].txt: document" in uploaded.stdout
         assert "skipping 1 file(s)" in uploaded.stderr
         assert "photo.png" in uploaded.stderr
         found = run_cli(env, "search", "why do otters hold hands", timeout=120)
@@ -99,12 +107,14 @@ def test_up_upload_search_and_ctrl_c(database_url: str, tmp_path: Path) -> None:
         rows = [line for line in listed.stdout.splitlines() if "complete" in line]
         assert len(rows) == 2
         assert any("otters.md" in row for row in rows)
-        assert any("herons.txt" in row for row in rows)
+        assert any("herons [draft].txt" in row for row in rows)
 
         documents = run_cli(env, "documents", timeout=60)
         assert documents.returncode == 0, documents.stderr
         herons = next(
-            line for line in documents.stdout.splitlines() if "herons.txt" in line
+            line
+            for line in documents.stdout.splitlines()
+            if "herons [draft].txt" in line
         )
         assert "text/plain" in herons
         herons_id = herons.split()[1]
@@ -115,11 +125,15 @@ def test_up_upload_search_and_ctrl_c(database_url: str, tmp_path: Path) -> None:
         assert retried.returncode == 1
         assert "FAILED_PRECONDITION" in retried.stderr
 
+        # Without a terminal to ask on, delete wants --yes.
+        unasked = run_cli(env, "delete", herons_id, timeout=60)
+        assert unasked.returncode == 1
+        assert "pass --yes" in unasked.stderr
         deleted = run_cli(env, "delete", herons_id, "--yes", timeout=60)
         assert deleted.returncode == 0, deleted.stderr
         assert f"deleted {herons_id}: 1 chunk, 1 job" in deleted.stdout
         documents = run_cli(env, "documents", timeout=60)
-        assert "herons.txt" not in documents.stdout
+        assert "herons" not in documents.stdout
         assert "otters.md" in documents.stdout
 
         # Text of zero-width spaces only fails to parse; retry runs it again.

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import grpc_testing
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from ingestd.cli.client import UPLOAD_CHUNK_BYTES
 from ingestd.cli.main import print_search, upload_paths
@@ -85,7 +86,9 @@ def test_upload_streams_metadata_then_chunks(channel, tmp_path: Path, capsys) ->
         len(data) - 2 * UPLOAD_CHUNK_BYTES,
     ]
     assert b"".join(r.chunk for r in requests[1:]) == data
-    assert [job.job_id for job in outcome["value"]] == ["job-1"]
+    jobs, failures = outcome["value"]
+    assert [job.job_id for job in jobs] == ["job-1"]
+    assert failures == 0
     assert "job job-1" in capsys.readouterr().out
 
 
@@ -111,8 +114,60 @@ def test_upload_rejected_file_skips_to_next(channel, tmp_path: Path, capsys) -> 
     thread.join(timeout=10)
 
     assert "error" not in outcome
-    assert [job.job_id for job in outcome["value"]] == ["job-2"]
+    jobs, failures = outcome["value"]
+    assert [job.job_id for job in jobs] == ["job-2"]
+    assert failures == 1
     assert "ZIP archive" in capsys.readouterr().err
+
+
+def refusal_trailer(code: grpc.StatusCode, reason: str, message: str) -> tuple:
+    """Trailing metadata with an ErrorInfo reason, as the gateway sends it."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason))
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def test_upload_waits_out_the_rate_limit(channel, tmp_path: Path) -> None:
+    path = tmp_path / "notes.md"
+    path.write_bytes(b"# Notes\n")
+    thread, outcome = run_in_thread(
+        lambda: upload_paths(channel, None, (path,), wait=False)
+    )
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    _, limited = channel.take_stream_unary(UPLOAD)
+    limited.terminate(
+        None, refusal_trailer(code, "RATE_LIMITED", "slow down"), code, "slow down"
+    )
+    _, accepted = channel.take_stream_unary(UPLOAD)
+    accepted.terminate(
+        upload_pb.UploadResponse(job=resources_pb2.Job(job_id="job-3")),
+        (),
+        grpc.StatusCode.OK,
+        "",
+    )
+    thread.join(timeout=10)
+
+    assert "error" not in outcome
+    jobs, failures = outcome["value"]
+    assert [job.job_id for job in jobs] == ["job-3"]
+    assert failures == 0
+
+
+def test_upload_too_large_is_not_tried_again(channel, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"big")
+    thread, outcome = run_in_thread(
+        lambda: upload_paths(channel, None, (path,), wait=False)
+    )
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    _, refused = channel.take_stream_unary(UPLOAD)
+    refused.terminate(
+        None, refusal_trailer(code, "UPLOAD_TOO_LARGE", "too big"), code, "too big"
+    )
+    thread.join(timeout=10)
+
+    assert isinstance(outcome["error"], SystemExit)
+    assert "too big" in capsys.readouterr().err
 
 
 def test_upload_all_rejected_exits_1(channel, tmp_path: Path) -> None:
