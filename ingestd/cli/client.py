@@ -126,9 +126,9 @@ def upload_requests(
             yield upload_pb.UploadRequest(chunk=block)
 
 
-# Refusals that say "not now" rather than "not this": the per-key rate limit
-# and the gateway's limits on uploads in progress. The CLI waits and tries
-# again, so a folder of many files is uploaded in full.
+# Refusals that mean "not now" rather than "not this": the per-key rate
+# limit and the gateway's limits on uploads in progress. The CLI waits and
+# tries again, so a folder of many files is uploaded in full.
 RETRYABLE_REASONS = frozenset(
     {"RATE_LIMITED", "TOO_MANY_UPLOADS", "TOO_MANY_UPLOADS_FOR_USER"}
 )
@@ -163,7 +163,7 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def with_retries(call: Callable[[], T]) -> T:
-    """Run call, trying again with growing waits while the gateway says "not now"."""
+    """Run call, trying again with growing waits while the gateway refuses it for now."""
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_retryable),
         wait=tenacity.wait_exponential(multiplier=0.25, max=5.0),

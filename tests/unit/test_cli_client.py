@@ -92,6 +92,17 @@ def test_upload_streams_metadata_then_chunks(channel, tmp_path: Path, capsys) ->
     assert "job job-1" in capsys.readouterr().out
 
 
+def accept_upload(channel, job_id: str) -> None:
+    """Answer the next Upload stream with a job of the given id."""
+    _, accepted = channel.take_stream_unary(UPLOAD)
+    accepted.terminate(
+        upload_pb.UploadResponse(job=resources_pb2.Job(job_id=job_id)),
+        (),
+        grpc.StatusCode.OK,
+        "",
+    )
+
+
 def test_upload_rejected_file_skips_to_next(channel, tmp_path: Path, capsys) -> None:
     bad = tmp_path / "archive.zip"
     good = tmp_path / "good.txt"
@@ -104,13 +115,7 @@ def test_upload_rejected_file_skips_to_next(channel, tmp_path: Path, capsys) -> 
     rejected.terminate(
         None, (), grpc.StatusCode.INVALID_ARGUMENT, "unsupported file type: ZIP archive"
     )
-    _, accepted = channel.take_stream_unary(UPLOAD)
-    accepted.terminate(
-        upload_pb.UploadResponse(job=resources_pb2.Job(job_id="job-2")),
-        (),
-        grpc.StatusCode.OK,
-        "",
-    )
+    accept_upload(channel, "job-2")
     thread.join(timeout=10)
 
     assert "error" not in outcome
@@ -138,13 +143,7 @@ def test_upload_waits_out_the_rate_limit(channel, tmp_path: Path) -> None:
     limited.terminate(
         None, refusal_trailer(code, "RATE_LIMITED", "slow down"), code, "slow down"
     )
-    _, accepted = channel.take_stream_unary(UPLOAD)
-    accepted.terminate(
-        upload_pb.UploadResponse(job=resources_pb2.Job(job_id="job-3")),
-        (),
-        grpc.StatusCode.OK,
-        "",
-    )
+    accept_upload(channel, "job-3")
     thread.join(timeout=10)
 
     assert "error" not in outcome
