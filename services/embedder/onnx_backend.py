@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,9 @@ def export_onnx(model_dir: Path, destination: Path) -> None:
                 dynamo=False,
             )
         _fuse_if_equal(model_dir, Path(temporary))
+        # mkstemp creates the file readable by its owner only; replicas that
+        # share the folder may run as other users.
+        os.chmod(temporary, 0o644)
         os.replace(temporary, destination)
     finally:
         Path(temporary).unlink(missing_ok=True)
@@ -302,6 +306,10 @@ class OnnxBackend:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             if onnx_path.exists():
                 return
+            # An export killed before it finished leaves its temporary file;
+            # under the lock no other export is writing one.
+            for stale in onnx_path.parent.glob(f"{onnx_path.name}*.tmp"):
+                stale.unlink(missing_ok=True)
             log.info(
                 "exporting the embedding model to ONNX",
                 extra={"event": "onnx_export", "path": str(onnx_path)},
@@ -334,6 +342,12 @@ def export_in_child(model_dir: Path, onnx_path: Path) -> None:
         text=True,
         check=False,
     )
+    if result.returncode < 0:
+        raise RuntimeError(
+            f"exporting {model_dir} to ONNX was stopped by signal "
+            f"{signal.Signals(-result.returncode).name}; start the embedder again "
+            "to export anew"
+        )
     if result.returncode != 0:
         raise RuntimeError(
             f"exporting {model_dir} to ONNX failed with exit status "

@@ -77,9 +77,15 @@ def test_order_of_texts_is_kept(onnx_backend: OnnxBackend) -> None:
 def test_export_is_cached(onnx_backend: OnnxBackend, tmp_path: Path) -> None:
     exported = list(tmp_path.glob("*.onnx"))
     assert exported == []
+    # A temporary file left by an export that was killed is removed.
+    stale = tmp_path / f"{onnx_backend.onnx_path.name}k1ll3d.tmp"
+    stale.write_bytes(b"partial")
     first = OnnxBackend(MODEL_DIR, tmp_path, threads=1)
     files = list(tmp_path.glob("*.onnx"))
     assert len(files) == 1
+    assert not stale.exists()
+    # Readable by replicas that run as other users.
+    assert files[0].stat().st_mode & 0o777 == 0o644
     modified = files[0].stat().st_mtime_ns
     second = OnnxBackend(MODEL_DIR, tmp_path, threads=1)
     assert files[0].stat().st_mtime_ns == modified
