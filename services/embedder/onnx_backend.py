@@ -128,9 +128,28 @@ def export_onnx(model_dir: Path, destination: Path) -> None:
         # mkstemp creates the file readable by its owner only; replicas that
         # share the folder may run as other users.
         os.chmod(temporary, 0o644)
+        # The model file goes into place first: a crash before the hash file
+        # follows leaves a model without a hash, which a later start
+        # exports again.
+        digest = file_sha256(Path(temporary))
         os.replace(temporary, destination)
+        hash_path(destination).write_text(digest + "\n", encoding="ascii")
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def hash_path(onnx_path: Path) -> Path:
+    """Return the file that records the sha256 of an exported model."""
+    return onnx_path.with_name(onnx_path.name + ".sha256")
+
+
+def export_is_intact(onnx_path: Path) -> bool:
+    """True when the exported file exists and matches its recorded sha256."""
+    try:
+        recorded = hash_path(onnx_path).read_text(encoding="ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return False
+    return onnx_path.is_file() and file_sha256(onnx_path) == recorded
 
 
 def _fuse_if_equal(model_dir: Path, path: Path) -> None:
@@ -297,15 +316,23 @@ class OnnxBackend:
 
     @staticmethod
     def _ensure_exported(model_dir: Path, onnx_path: Path) -> None:
-        if onnx_path.exists():
+        # A file changed on disk would load and embed wrong vectors under the
+        # same version, so the file must match the hash its export recorded.
+        if export_is_intact(onnx_path):
             return
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
         # Replicas sharing a data folder export once: the others wait on the
         # lock and then find the file.
         with (onnx_path.parent / ".export.lock").open("w") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
-            if onnx_path.exists():
+            if export_is_intact(onnx_path):
                 return
+            if onnx_path.exists():
+                log.warning(
+                    "the cached ONNX model does not match the hash recorded at its "
+                    "export; exporting it again",
+                    extra={"event": "onnx_export_damaged", "path": str(onnx_path)},
+                )
             # An export killed before it finished leaves its temporary file;
             # under the lock no other export is writing one.
             for stale in onnx_path.parent.glob(f"{onnx_path.name}*.tmp"):

@@ -11,7 +11,11 @@ import pytest
 
 from services.chunker.chunking import MarkdownChunker
 from services.embedder.backends import load_sentence_transformers
-from services.embedder.onnx_backend import OnnxBackend, export_in_child
+from services.embedder.onnx_backend import (
+    OnnxBackend,
+    export_in_child,
+    export_is_intact,
+)
 from shared.hashing import normalize_text
 from tests.conftest import CORPUS, REPO_ROOT
 
@@ -116,3 +120,18 @@ def test_failed_export_names_the_cause(tmp_path: Path) -> None:
         export_in_child(tmp_path / "no-such-model", tmp_path / "model.onnx")
     assert "no-such-model" in str(excinfo.value)
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_damaged_export_is_exported_again(tmp_path: Path) -> None:
+    first = OnnxBackend(MODEL_DIR, tmp_path, threads=1)
+    expected = first.embed(["a lease is renewed by its heartbeat"])
+    # Bytes changed in the middle of the weights still load, with wrong
+    # vectors; the recorded hash catches them.
+    with first.onnx_path.open("r+b") as handle:
+        handle.seek(first.onnx_path.stat().st_size // 2)
+        handle.write(b"\x3c" * 400_000)
+    assert not export_is_intact(first.onnx_path)
+    second = OnnxBackend(MODEL_DIR, tmp_path, threads=1)
+    assert export_is_intact(second.onnx_path)
+    actual = second.embed(["a lease is renewed by its heartbeat"])
+    np.testing.assert_allclose(actual, expected, atol=1e-6)
