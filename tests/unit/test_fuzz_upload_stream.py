@@ -8,6 +8,8 @@ and a declared size that must match what arrived.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import string
 from dataclasses import dataclass
@@ -132,12 +134,21 @@ async def test_upload_stream_follows_protocol(
     expected = expected_status(messages, total)
     stub = upload_grpc.UploadServiceStub(pipeline.gateway_channel)
 
-    async def stream():
-        for request in to_requests(messages, total):
-            yield request
-
+    # Requests are written one by one rather than from an iterator. When the
+    # server ends the call early, a write can fail inside gRPC's client with
+    # INTERNAL ("Failed execute_batch"), a known race in grpcio's asyncio
+    # client; the call's own status is still the server's, and that is the
+    # outcome this test checks.
+    call = stub.Upload()
+    for request in to_requests(messages, total):
+        try:
+            await call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            break
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        await call.done_writing()
     try:
-        response = await stub.Upload(stream())
+        response = await call
     except grpc.aio.AioRpcError as error:
         failure = error
     else:
@@ -149,4 +160,13 @@ async def test_upload_stream_follows_protocol(
     assert expected == OK
     assert response.document.byte_size == total
     assert response.document.raw_sha256 == hashlib.sha256(chunks).hexdigest()
-    assert not list((pipeline.settings.blob_dir / "tmp").glob("*.part"))
+    # A stream the gateway refused in an earlier example may still be
+    # removing its partial file: the client has the status before the
+    # handler's cleanup ends. Every partial file must be gone soon after.
+    parts = pipeline.settings.blob_dir / "tmp"
+    for _ in range(250):
+        if not list(parts.glob("*.part")):
+            break
+        await asyncio.sleep(0.02)
+    else:
+        pytest.fail(f"partial uploads left behind: {list(parts.glob('*.part'))}")
