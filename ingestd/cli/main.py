@@ -8,7 +8,9 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import grpc
@@ -718,10 +720,10 @@ def _file_names(
     documents usually names every job. Later pages are read only while some
     document is still missing.
     """
-    wanted = {job.document_id for job in jobs}
+    requested = {job.document_id for job in jobs}
     names: dict[str, str] = {}
     token = ""
-    while wanted - names.keys():
+    while requested - names.keys():
         response = stub.ListDocuments(
             upload_pb.ListDocumentsRequest(page_size=500, page_token=token),
             metadata=call_metadata(user),
@@ -808,35 +810,23 @@ def delete(obj: dict, document_ids: tuple[str, ...], yes: bool) -> None:
     if not yes and not click.confirm(question):
         console.print("nothing deleted")
         return
-    failures = 0
     with gateway_channel(obj) as channel:
         stub = upload_grpc.UploadServiceStub(channel)
-        for document_id in document_ids:
-            try:
-                response = with_retries(
-                    lambda document_id=document_id: stub.DeleteDocument(
-                        upload_pb.DeleteDocumentRequest(document_id=document_id),
-                        metadata=call_metadata(obj["user"]),
-                        timeout=60,
-                    )
-                )
-            except grpc.RpcError as exc:
-                hint = ""
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    hint = "\n`ingestd documents` lists the ids of your documents."
-                err_console.print(
-                    f"[red]deleting {shown(document_id[:80])} failed:[/red] "
-                    f"{shown(rpc_error_text(exc))}{hint}",
-                    highlight=False,
-                )
-                failures += 1
-                continue
-            console.print(
+        failures = _call_each(
+            document_ids,
+            lambda document_id: stub.DeleteDocument(
+                upload_pb.DeleteDocumentRequest(document_id=document_id),
+                metadata=call_metadata(obj["user"]),
+                timeout=60,
+            ),
+            action="deleting",
+            not_found_hint="`ingestd documents` lists the ids of your documents.",
+            describe=lambda response: (
                 f"deleted {response.document_id}: "
                 f"{plural(response.chunks_deleted, 'chunk')}, "
-                f"{plural(response.jobs_deleted, 'job')}",
-                highlight=False,
-            )
+                f"{plural(response.jobs_deleted, 'job')}"
+            ),
+        )
     if failures:
         sys.exit(1)
 
@@ -846,35 +836,51 @@ def delete(obj: dict, document_ids: tuple[str, ...], yes: bool) -> None:
 @click.pass_obj
 def retry(obj: dict, job_ids: tuple[str, ...]) -> None:
     """Run failed jobs again from their last durable step."""
-    failures = 0
     with gateway_channel(obj) as channel:
         stub = upload_grpc.UploadServiceStub(channel)
-        for job_id in job_ids:
-            try:
-                response = with_retries(
-                    lambda job_id=job_id: stub.RetryJob(
-                        upload_pb.RetryJobRequest(job_id=job_id),
-                        metadata=call_metadata(obj["user"]),
-                        timeout=30,
-                    )
-                )
-            except grpc.RpcError as exc:
-                hint = ""
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    hint = "\n`ingestd jobs` lists the ids of your jobs."
-                err_console.print(
-                    f"[red]retrying {shown(job_id[:80])} failed:[/red] "
-                    f"{shown(rpc_error_text(exc))}{hint}",
-                    highlight=False,
-                )
-                failures += 1
-                continue
-            console.print(
-                f"{response.job.job_id}: {status_name(response.job.status)}",
-                highlight=False,
-            )
+        failures = _call_each(
+            job_ids,
+            lambda job_id: stub.RetryJob(
+                upload_pb.RetryJobRequest(job_id=job_id),
+                metadata=call_metadata(obj["user"]),
+                timeout=30,
+            ),
+            action="retrying",
+            not_found_hint="`ingestd jobs` lists the ids of your jobs.",
+            describe=lambda response: (
+                f"{response.job.job_id}: {status_name(response.job.status)}"
+            ),
+        )
     if failures:
         sys.exit(1)
+
+
+def _call_each(
+    ids: tuple[str, ...],
+    call: Callable[[str], Any],
+    *,
+    action: str,
+    not_found_hint: str,
+    describe: Callable[[Any], str],
+) -> int:
+    """Call the gateway once per id, print each outcome, and return the failures."""
+    failures = 0
+    for item_id in ids:
+        try:
+            response = with_retries(lambda item_id=item_id: call(item_id))
+        except grpc.RpcError as exc:
+            hint = ""
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                hint = f"\n{not_found_hint}"
+            err_console.print(
+                f"[red]{action} {shown(item_id[:80])} failed:[/red] "
+                f"{shown(rpc_error_text(exc))}{hint}",
+                highlight=False,
+            )
+            failures += 1
+            continue
+        console.print(describe(response), highlight=False, markup=False)
+    return failures
 
 
 @cli.command()

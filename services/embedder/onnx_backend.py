@@ -307,7 +307,7 @@ class OnnxBackend:
             and _read_json(model_dir / "config.json").get("model_type") == "bert"
         ):
             log.warning(
-                "the ONNX export of this BERT model holds the plain graph, because "
+                "the ONNX export of this BERT model contains the plain graph, because "
                 "the fused graph's vectors did not match it; embedding runs slower",
                 extra={"event": "onnx_unfused", "path": str(self.onnx_path)},
             )
@@ -359,8 +359,8 @@ class OnnxBackend:
 def export_in_child(model_dir: Path, onnx_path: Path) -> None:
     """Run export_onnx in a child process.
 
-    The export imports torch and transformers and holds the model several
-    times over while it fuses and checks the graph. In a child process none
+    The export imports torch and transformers and keeps several copies of
+    the model in memory while it fuses and checks the graph. In a child process none
     of that stays in the service's memory once the file is written.
     """
     result = subprocess.run(

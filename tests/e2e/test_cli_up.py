@@ -119,7 +119,7 @@ def test_up_upload_search_and_ctrl_c(database_url: str, tmp_path: Path) -> None:
         assert "text/plain" in herons
         herons_id = herons.split()[1]
 
-        # A job that is not failed cannot be retried, and the error says so.
+        # A job that has not failed cannot be retried, and the error states why.
         job_id = rows[0].split()[1]
         retried = run_cli(env, "retry", job_id, timeout=60)
         assert retried.returncode == 1

@@ -487,7 +487,7 @@ async def test_stalled_uploads_limited_and_ended(pipeline: Pipeline) -> None:
         )
         for n in range(limit)
     ]
-    # A stream holds its slot from before it opens its temporary file, so
+    # A stream takes its slot before it opens its temporary file, so
     # once every stream's file exists, every slot is taken. Waiting for the
     # files instead of a fixed time keeps this test right on a loaded
     # machine.

@@ -100,8 +100,9 @@ def test_heading_path_reads_setext_headings() -> None:
 
 
 def test_heading_path_skips_quoted_listed_and_indented_headings() -> None:
-    # A line of dashes under a paragraph is a heading only at top level, and
-    # a "#" line in a block quote, a list item or indented code is none.
+    # A line of dashes under a paragraph makes a heading only at top level,
+    # and a "#" line in a block quote, a list item or indented code is no
+    # heading.
     text = (
         "# Top\n\n> # quoted\n\n- # listed\n\n    # indented code\n\n"
         "~~~\nNot a title\n---\n~~~\n\nend"

@@ -93,7 +93,7 @@ def test_upload_streams_metadata_then_chunks(channel, tmp_path: Path, capsys) ->
 
 
 def accept_upload(channel, job_id: str) -> None:
-    """Answer the next Upload stream with a job of the given id."""
+    """Complete the next Upload stream with a job of the given id."""
     _, accepted = channel.take_stream_unary(UPLOAD)
     accepted.terminate(
         upload_pb.UploadResponse(job=resources_pb2.Job(job_id=job_id)),
@@ -125,24 +125,25 @@ def test_upload_rejected_file_skips_to_next(channel, tmp_path: Path, capsys) -> 
     assert "ZIP archive" in capsys.readouterr().err
 
 
-def refusal_trailer(code: grpc.StatusCode, reason: str, message: str) -> tuple:
-    """Trailing metadata with an ErrorInfo reason, as the gateway sends it."""
+def reject_upload(channel, reason: str, message: str) -> None:
+    """End the next Upload stream with RESOURCE_EXHAUSTED and an ErrorInfo reason."""
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
     status = status_pb2.Status(code=code.value[0], message=message)
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason))
-    return (("grpc-status-details-bin", status.SerializeToString()),)
+    trailer = (("grpc-status-details-bin", status.SerializeToString()),)
+    _, rpc = channel.take_stream_unary(UPLOAD)
+    rpc.terminate(None, trailer, code, message)
+
+
+def start_upload(channel, path: Path, content: bytes) -> tuple:
+    """Write a file and upload it from a thread, without waiting for its job."""
+    path.write_bytes(content)
+    return run_in_thread(lambda: upload_paths(channel, None, (path,), wait=False))
 
 
 def test_upload_waits_out_the_rate_limit(channel, tmp_path: Path) -> None:
-    path = tmp_path / "notes.md"
-    path.write_bytes(b"# Notes\n")
-    thread, outcome = run_in_thread(
-        lambda: upload_paths(channel, None, (path,), wait=False)
-    )
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    _, limited = channel.take_stream_unary(UPLOAD)
-    limited.terminate(
-        None, refusal_trailer(code, "RATE_LIMITED", "slow down"), code, "slow down"
-    )
+    thread, outcome = start_upload(channel, tmp_path / "notes.md", b"# Notes\n")
+    reject_upload(channel, "RATE_LIMITED", "slow down")
     accept_upload(channel, "job-3")
     thread.join(timeout=10)
 
@@ -153,16 +154,8 @@ def test_upload_waits_out_the_rate_limit(channel, tmp_path: Path) -> None:
 
 
 def test_upload_too_large_is_not_tried_again(channel, tmp_path: Path, capsys) -> None:
-    path = tmp_path / "big.txt"
-    path.write_bytes(b"big")
-    thread, outcome = run_in_thread(
-        lambda: upload_paths(channel, None, (path,), wait=False)
-    )
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    _, refused = channel.take_stream_unary(UPLOAD)
-    refused.terminate(
-        None, refusal_trailer(code, "UPLOAD_TOO_LARGE", "too big"), code, "too big"
-    )
+    thread, outcome = start_upload(channel, tmp_path / "big.txt", b"big")
+    reject_upload(channel, "UPLOAD_TOO_LARGE", "too big")
     thread.join(timeout=10)
 
     assert isinstance(outcome["error"], SystemExit)

@@ -134,11 +134,10 @@ async def test_upload_stream_follows_protocol(
     expected = expected_status(messages, total)
     stub = upload_grpc.UploadServiceStub(pipeline.gateway_channel)
 
-    # Requests are written one by one rather than from an iterator. When the
-    # server ends the call early, a write can fail inside gRPC's client with
-    # INTERNAL ("Failed execute_batch"), a known race in grpcio's asyncio
-    # client; the call's own status is still the server's, and that is the
-    # outcome this test checks.
+    # Requests are written one by one, not from an iterator. When the server
+    # ends the call early, grpcio's asyncio client can fail a write with
+    # INTERNAL ("Failed execute_batch"). The call's own status is still the
+    # server's, so the test stops writing and checks that status.
     call = stub.Upload()
     for request in to_requests(messages, total):
         try:
