@@ -196,9 +196,9 @@ class ClaimedJob:
         )
 
 
-# The claim statement. {statuses} is replaced by one stage's claimable
-# statuses as SQL literals (see claim_query), so the planner can match them
-# to the predicate of that stage's partial index.
+# The claim statement. claim_query replaces {statuses} by one stage's
+# claimable statuses as SQL literals, so the planner can match them to the
+# predicate of that stage's partial index, and {limit} by the batch size.
 CLAIM_SQL = """
 WITH candidates AS (
     SELECT job_id, status AS claimed_from
@@ -216,10 +216,10 @@ WITH candidates AS (
       AND (lease_expires_at IS NULL OR lease_expires_at < now())
       -- A worker takes only jobs stamped with its own chunker or model
       -- version, so replicas of two versions can run side by side.
-      AND ($6::text IS NULL OR chunker_version = $6)
-      AND ($7::text IS NULL OR embed_version = $7)
+      AND ($5::text IS NULL OR chunker_version = $5)
+      AND ($6::text IS NULL OR embed_version = $6)
     ORDER BY run_after, created_at
-    LIMIT $1
+    LIMIT {limit}
     -- A row lock held only for this short transaction: other claimers skip
     -- the rows instead of waiting, then the lease keeps them away.
     FOR UPDATE SKIP LOCKED
@@ -228,18 +228,22 @@ claimed AS (
     UPDATE upload_jobs AS j
     SET status = t.to_status,
         lease_token = gen_random_uuid(),
-        leased_by = $4,
-        lease_expires_at = now() + make_interval(secs => $5),
+        leased_by = $3,
+        lease_expires_at = now() + make_interval(secs => $4),
         heartbeat_at = now(),
         -- Counted at claim, so a document that kills its worker every time
         -- still runs out of attempts.
         attempts = j.attempts + 1,
         updated_at = now()
     FROM candidates AS c
-    JOIN unnest($2::text[], $3::text[]) AS t(from_status, to_status)
+    JOIN unnest($1::text[], $2::text[]) AS t(from_status, to_status)
       ON t.from_status = c.claimed_from
     WHERE j.job_id = c.job_id
-    RETURNING j.*, c.claimed_from
+    RETURNING j.job_id, j.user_id, j.document_id, j.status, c.claimed_from,
+        j.raw_path, j.parsed_path, j.parsed_sha256, j.chunker_name,
+        j.chunker_version, j.embed_model, j.embed_version, j.progress,
+        j.retry_count, j.attempts, j.max_attempts, j.lease_token, j.leased_by,
+        j.parse_password
 ),
 events AS (
     INSERT INTO job_events (job_id, from_status, to_status, worker, lease_token, detail)
@@ -266,7 +270,6 @@ def claim_query(
     # no member contains a quote, so the literals cannot carry foreign SQL.
     literals = ", ".join(f"'{status.value}'" for status in sources)
     arguments: list[Any] = [
-        limit,
         [str(status) for status in sources],
         [str(spec.claims[status]) for status in sources],
         worker,
@@ -274,7 +277,12 @@ def claim_query(
         chunker_version,
         embed_version,
     ]
-    return CLAIM_SQL.format(statuses=literals), arguments
+    # With LIMIT as a parameter, the generic plan expects a tenth of the queue
+    # and scans the whole table, so every claim was planned anew. With a
+    # literal, PostgreSQL can reuse a cheap generic plan.
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"claim limit must be a positive integer, got {limit!r}")
+    return CLAIM_SQL.format(statuses=literals, limit=limit), arguments
 
 
 async def claim_jobs(

@@ -980,8 +980,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                     "SELECT count(*) FROM upload_jobs WHERE document_id = $1",
                     document_id,
                 )
-                # Jobs, events and both buffers go with the document through
-                # ON DELETE CASCADE.
+                # Jobs and both buffers go with the document through ON DELETE
+                # CASCADE, and a trigger on upload_jobs deletes their events.
                 await connection.execute(
                     "DELETE FROM documents WHERE document_id = $1", document_id
                 )

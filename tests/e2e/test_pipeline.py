@@ -200,6 +200,11 @@ async def test_delete_document_removes_search_results(pipeline: Pipeline, pool) 
                 uuid.UUID(response.document.document_id),
             )
             assert count == 0, table
+        events = await connection.fetchval(
+            "SELECT count(*) FROM job_events WHERE job_id = $1",
+            uuid.UUID(response.job.job_id),
+        )
+        assert events == 0
     blobs = pipeline.settings.blob_dir
     assert not list(blobs.rglob(response.document.document_id + "*"))
     with pytest.raises(grpc.aio.AioRpcError) as error:
