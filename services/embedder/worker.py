@@ -7,6 +7,7 @@ import logging
 
 import asyncpg
 import numpy as np
+from pgvector import Vector
 
 from services.embedder.backends import EmbeddingBackend, validate_vectors
 from shared import failpoints, ids, jobs
@@ -49,8 +50,8 @@ WHERE chunk_sha = ANY($1::text[]) AND embed_model = $2 AND embed_version = $3
 UPSERT_VECTORS_SQL = """
 INSERT INTO document_vector_buffer AS v
     (document_id, chunk_id, embed_model, embed_version, vector, vector_sha, batch_id)
-SELECT $1, chunk_id, $2, $3, vector_text::vector, vector_sha, $4
-FROM unnest($5::uuid[], $6::text[], $7::text[]) AS b(chunk_id, vector_text, vector_sha)
+SELECT $1, chunk_id, $2, $3, vector, vector_sha, $4
+FROM unnest($5::uuid[], $6::vector[], $7::text[]) AS b(chunk_id, vector, vector_sha)
 ON CONFLICT (chunk_id, embed_model, embed_version) DO UPDATE
     SET vector = EXCLUDED.vector,
         vector_sha = EXCLUDED.vector_sha,
@@ -72,17 +73,6 @@ JOIN document_vector_buffer AS v
 WHERE c.document_id = $1 AND c.chunker_name = $2 AND c.chunker_version = $3
 ON CONFLICT (chunk_id, embed_model, embed_version) DO NOTHING
 """
-
-
-def vector_literal(vector: np.ndarray) -> str:
-    """Format a float32 vector as pgvector text that parses back to the same floats."""
-    # repr of each float32 widened to a double round-trips exactly through
-    # PostgreSQL's float4 input, so vector_sha matches what is stored.
-    return (
-        "["
-        + ",".join(repr(value) for value in vector.astype(np.float32).tolist())
-        + "]"
-    )
 
 
 class EmbedWorker(BaseWorker):
@@ -241,7 +231,9 @@ class EmbedWorker(BaseWorker):
                 job.embed_version,
                 batch_id,
                 chunk_ids,
-                [vector_literal(vector) for vector in vectors],
+                # Sent in pgvector's binary format: exact float32 values, and
+                # no text to format here or to parse on the server.
+                [Vector(vector) for vector in vectors],
                 shas,
             )
         replaced = [row["chunk_id"] for row in rows if not row["inserted"]]

