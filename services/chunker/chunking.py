@@ -241,7 +241,7 @@ class MarkdownChunker:
     def chunk(self, text: str, page_offsets: list[int] | None = None) -> list[Chunk]:
         """Chunk normalized text; page_offsets maps offsets to 1-based pages."""
         headings = HeadingPaths(heading_index(text))
-        pieces: list[tuple[int, str]] = []
+        pieces: list[tuple[int, str, int | None]] = []
         for window_start, window in split_windows(text, WINDOW_CHARS):
             for offset, piece in self._splitter.chunk_indices(window):
                 start = window_start + offset
@@ -254,13 +254,12 @@ class MarkdownChunker:
         # that the character or token cut has split, so the parts are put in
         # order of their start. Of parts with the same start the longest is
         # kept, since it covers the others.
-        longest: dict[int, str] = {}
-        for start, piece in pieces:
-            if len(piece) > len(longest.get(start, "")):
-                longest[start] = piece
-        pieces = sorted(longest.items())
+        longest: dict[int, tuple[str, int | None]] = {}
+        for start, piece, tokens in pieces:
+            if len(piece) > len(longest.get(start, ("", None))[0]):
+                longest[start] = (piece, tokens)
         chunks = []
-        for ordinal, (start, piece) in enumerate(pieces):
+        for ordinal, (start, (piece, tokens)) in enumerate(sorted(longest.items())):
             end = start + len(piece)
             page_start = page_end = None
             if page_offsets:
@@ -272,7 +271,7 @@ class MarkdownChunker:
                     text=piece,
                     start=start,
                     end=end,
-                    token_count=self.count_tokens(piece),
+                    token_count=self.count_tokens(piece) if tokens is None else tokens,
                     sha=chunk_sha(piece),
                     heading_path=headings.at(start),
                     page_start=page_start,
@@ -298,14 +297,18 @@ class MarkdownChunker:
         parts.append((start + offset, piece[offset:]))
         return [(part_start, part) for part_start, part in parts if part.strip()]
 
-    def _enforce_limit(self, start: int, piece: str) -> list[tuple[int, str]]:
+    def _enforce_limit(
+        self, start: int, piece: str
+    ) -> list[tuple[int, str, int | None]]:
         # The splitter keeps to its capacity, but a tokenizer can count a
         # piece differently once it is encoded on its own, because word
-        # boundaries change.
-        # Anything over the limit is cut at token offsets.
+        # boundaries change. Anything over the limit is cut at token offsets.
+        # A piece within the limit keeps the token count of this encoding. A
+        # cut part gets None, because it is counted again on its own.
         encoding = self.tokenizer.encode(piece, add_special_tokens=False)
-        if len(encoding.ids) + self.special_tokens <= self.max_tokens:
-            return [(start, piece)]
+        tokens = len(encoding.ids) + self.special_tokens
+        if tokens <= self.max_tokens:
+            return [(start, piece, tokens)]
         # Each part begins where the one before it ended, so characters the
         # tokenizer drops (controls, private-use and unassigned code points)
         # stay in the text instead of falling between two parts.
@@ -319,6 +322,6 @@ class MarkdownChunker:
                 finish = len(piece)
             part = piece[begin:finish]
             if part.strip():
-                parts.append((start + begin, part))
+                parts.append((start + begin, part, None))
             begin = finish
         return parts
