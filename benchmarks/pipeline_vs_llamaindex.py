@@ -12,8 +12,11 @@ timing, so it is not charged for parsing. Its splitter counts tokens with
 the model's tokenizer, because its default tokenizer (tiktoken) downloads
 its vocabulary at first use, and the machines here have no network.
 
-Run: ``python -m benchmarks.pipeline_vs_llamaindex`` (``--smoke`` for the
-small CI size).
+With ``--rounds N`` both systems run N times, in alternating order, and the
+reported ratio is the median of the per-round ratios.
+
+Run: ``python -m benchmarks.pipeline_vs_llamaindex --rounds 3`` (``--smoke``
+for the small CI size).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -114,41 +118,94 @@ async def count_rows(database_url: str, table: str) -> int:
         await connection.close()
 
 
+async def run_round(
+    server_url: str,
+    documents: list[Path],
+    texts: list[tuple[str, str]],
+    args: argparse.Namespace,
+    *,
+    ingestd_first: bool,
+) -> dict[str, Any]:
+    """Run both systems once, in the given order, and return their figures."""
+
+    async def ours() -> dict[str, Any]:
+        figures = await run_pipeline(server_url, documents, args.backend, args.threads)
+        figures.pop("texts")
+        return figures
+
+    async def peer() -> dict[str, Any]:
+        peer_url = await harness.create_database(server_url, migrate=False)
+        figures = await asyncio.to_thread(run_llamaindex, peer_url, texts, args.threads)
+        figures["rows_stored"] = await count_rows(peer_url, "data_llamaindex_bench")
+        return figures
+
+    if ingestd_first:
+        ingestd = await ours()
+        llamaindex = await peer()
+    else:
+        llamaindex = await peer()
+        ingestd = await ours()
+    return {
+        "ingestd_first": ingestd_first,
+        "ingestd": ingestd,
+        "llamaindex": llamaindex,
+        "time_ratio": llamaindex["seconds"] / ingestd["seconds"],
+    }
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     documents = harness.benchmark_documents(args.smoke)
     texts = parsed_texts(documents)
+    runs = []
     with harness.embedded_postgres() as server_url:
-        ours = await run_pipeline(server_url, documents, args.backend, args.threads)
-        ours.pop("texts")
-        peer_url = await harness.create_database(server_url, migrate=False)
-        peer = await asyncio.to_thread(run_llamaindex, peer_url, texts, args.threads)
-        peer["rows_stored"] = await count_rows(peer_url, "data_llamaindex_bench")
-    ratio = peer["seconds"] / ours["seconds"]
-    harness.print_table(
-        f"ingestd vs LlamaIndex, {args.threads} threads",
-        ["system", "chunks", "seconds", "chunks/s"],
-        [
+        for number in range(args.rounds):
+            # Each round swaps which system goes first, so neither always
+            # runs on the fresher machine.
+            run = await run_round(
+                server_url, documents, texts, args, ingestd_first=number % 2 == 0
+            )
+            run["round"] = number + 1
+            runs.append(run)
+    ratios = [run["time_ratio"] for run in runs]
+    rows = []
+    for run in runs:
+        ours, peer = run["ingestd"], run["llamaindex"]
+        rows.append(
             [
                 f"ingestd ({args.backend} backend)",
+                run["round"],
                 ours["chunks"],
                 ours["seconds"],
                 ours["chunks_per_second"],
-            ],
+            ]
+        )
+        rows.append(
             [
                 "LlamaIndex IngestionPipeline",
+                run["round"],
                 peer["chunks"],
                 peer["seconds"],
                 peer["chunks_per_second"],
-            ],
-        ],
+            ]
+        )
+    harness.print_table(
+        f"ingestd vs LlamaIndex, {args.threads} threads",
+        ["system", "round", "chunks", "seconds", "chunks/s"],
+        rows,
     )
-    print(f"\nLlamaIndex time / ingestd time: {ratio:.2f}")
+    median = statistics.median(ratios)
+    print(
+        "\nLlamaIndex time / ingestd time: "
+        + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+        + f" (median {median:.2f})"
+    )
     return {
         "documents": [path.name for path in documents],
         "threads": args.threads,
-        "ingestd": ours,
-        "llamaindex": peer,
-        "time_ratio_llamaindex_to_ingestd": ratio,
+        "rounds": args.rounds,
+        "runs": runs,
+        "time_ratios_per_round": ratios,
+        "time_ratio_llamaindex_to_ingestd": median,
     }
 
 
@@ -157,6 +214,13 @@ def main() -> None:
     harness.add_common_arguments(parser)
     parser.add_argument(
         "--threads", type=int, default=2, help="model threads on both sides"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of both systems; the ratio reported is the median over the "
+        "rounds (default: 1)",
     )
     parser.add_argument(
         "--backend",
