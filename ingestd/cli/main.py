@@ -623,46 +623,95 @@ def print_search(
         console.print(f"   {snippet}", highlight=False, markup=False)
 
 
+# The most items one list call returns.
+MAX_PAGE_SIZE = 500
+
+
+def read_pages(fetch: Callable[[int, str], Any], field: str, limit: int) -> list[Any]:
+    """Read up to limit items from a paged list call, following next_page_token.
+
+    fetch(page_size, page_token) makes one call; field names the response's
+    repeated field.
+    """
+    found: list[Any] = []
+    token = ""
+    while len(found) < limit:
+        response = fetch(min(limit - len(found), MAX_PAGE_SIZE), token)
+        found.extend(getattr(response, field))
+        token = response.next_page_token
+        if not token:
+            break
+    return found
+
+
+def limit_option(noun: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Return the --limit option of a list command, 50 by default and at least 1."""
+    return click.option(
+        "--limit",
+        default=50,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help=f"maximum {noun} to list",
+    )
+
+
+# The --status shortcut for every failed status.
+FAILED_STATUSES = ("failed_parse", "failed_chunking", "failed_embedding")
+
+
+def job_status_values(statuses: tuple[str, ...]) -> list[int]:
+    """Map --status names to JobStatus values; "failed" stands for every failed status."""
+    names: list[str] = []
+    for status in statuses:
+        names.extend(FAILED_STATUSES if status.lower() == "failed" else [status])
+    known = resources_pb2.JobStatus.DESCRIPTOR.values_by_name
+    unknown = [name for name in names if f"JOB_STATUS_{name.upper()}" not in known]
+    if unknown:
+        valid = ", ".join(
+            name.removeprefix("JOB_STATUS_").lower()
+            for name in resources_pb2.JobStatus.keys()[1:]
+        )
+        fail(
+            f"unknown status {', '.join(map(repr, unknown))}; use one of: {valid}, "
+            "or failed for all three failed statuses"
+        )
+    return [
+        resources_pb2.JobStatus.Value(f"JOB_STATUS_{name.upper()}") for name in names
+    ]
+
+
 @cli.command()
 @click.option(
     "--status",
     "statuses",
     multiple=True,
-    help="only jobs in this status (repeatable), for example failed_parse",
+    help="only jobs in this status (repeatable), for example failed_parse, "
+    "or failed for every failed status",
 )
-@click.option("--limit", default=50, show_default=True, help="maximum jobs to list")
+@limit_option("jobs")
 @click.option(
     "--all-users", is_flag=True, help="list every user's jobs (needs an admin key)"
 )
 @click.pass_obj
 def jobs(obj: dict, statuses: tuple[str, ...], limit: int, all_users: bool) -> None:
     """List your jobs with status and progress, newest first."""
-    try:
-        values = [
-            resources_pb2.JobStatus.Value(f"JOB_STATUS_{status.upper()}")
-            for status in statuses
-        ]
-    except ValueError:
-        valid = ", ".join(
-            name.removeprefix("JOB_STATUS_").lower()
-            for name in resources_pb2.JobStatus.keys()[1:]
-        )
-        unknown = [
-            status
-            for status in statuses
-            if f"JOB_STATUS_{status.upper()}"
-            not in resources_pb2.JobStatus.DESCRIPTOR.values_by_name
-        ]
-        fail(f"unknown status {', '.join(map(repr, unknown))}; use one of: {valid}")
+    values = job_status_values(statuses)
     with gateway_channel(obj) as channel:
         stub = upload_grpc.UploadServiceStub(channel)
         try:
-            response = stub.ListJobs(
-                upload_pb.ListJobsRequest(
-                    page_size=min(limit, 500), statuses=values, all_users=all_users
+            found: list[resources_pb2.Job] = read_pages(
+                lambda size, token: stub.ListJobs(
+                    upload_pb.ListJobsRequest(
+                        page_size=size,
+                        page_token=token,
+                        statuses=values,
+                        all_users=all_users,
+                    ),
+                    metadata=call_metadata(obj["user"]),
+                    timeout=30,
                 ),
-                metadata=call_metadata(obj["user"]),
-                timeout=30,
+                "jobs",
+                limit,
             )
         except grpc.RpcError as exc:
             if all_users and exc.code() == grpc.StatusCode.PERMISSION_DENIED:
@@ -670,13 +719,13 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int, all_users: bool) -> N
                     "--all-users needs an admin key; leave it out to list your own jobs"
                 )
             fail(f"listing jobs failed: {rpc_error_text(exc)}")
-        if not response.jobs:
+        if not found:
             console.print("no jobs")
             return
         names: dict[str, str] = {}
         if not all_users:
             try:
-                names = _file_names(stub, obj["user"], response.jobs)
+                names = _file_names(stub, obj["user"], found)
             except grpc.RpcError as exc:
                 fail(f"listing the jobs' documents failed: {rpc_error_text(exc)}")
     table = Table()
@@ -688,7 +737,7 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int, all_users: bool) -> N
         table.add_column("file", overflow="fold")
     table.add_column("status", no_wrap=True, min_width=21)
     table.add_column("embedded", no_wrap=True, justify="right")
-    for job in response.jobs:
+    for job in found:
         owner = [shown(job.user_id if all_users else names.get(job.document_id, ""))]
         table.add_row(
             job.job_id,
@@ -699,7 +748,7 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int, all_users: bool) -> N
     console.print(table)
     # Errors go below the table in full, because a column would cut them
     # short in a narrow terminal.
-    for job in response.jobs:
+    for job in found:
         if job.last_error.code:
             console.print(
                 f"{job.job_id} {status_name(job.status)}: {job.last_error.code}: "
@@ -739,31 +788,22 @@ def _file_names(
 
 
 @cli.command()
-@click.option(
-    "--limit", default=50, show_default=True, help="maximum documents to list"
-)
+@limit_option("documents")
 @click.pass_obj
 def documents(obj: dict, limit: int) -> None:
     """List your documents, newest first."""
-    if limit < 1:
-        fail(f"--limit is {limit}; give 1 or more")
-    found: list[resources_pb2.Document] = []
-    token = ""
     with gateway_channel(obj) as channel:
         stub = upload_grpc.UploadServiceStub(channel)
         try:
-            while len(found) < limit:
-                response = stub.ListDocuments(
-                    upload_pb.ListDocumentsRequest(
-                        page_size=min(limit - len(found), 500), page_token=token
-                    ),
+            found: list[resources_pb2.Document] = read_pages(
+                lambda size, token: stub.ListDocuments(
+                    upload_pb.ListDocumentsRequest(page_size=size, page_token=token),
                     metadata=call_metadata(obj["user"]),
                     timeout=30,
-                )
-                found.extend(response.documents)
-                token = response.next_page_token
-                if not token:
-                    break
+                ),
+                "documents",
+                limit,
+            )
         except grpc.RpcError as exc:
             fail(f"listing documents failed: {rpc_error_text(exc)}")
 

@@ -9,15 +9,23 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import grpc_testing
 import pytest
+from click.testing import CliRunner
 from google.rpc import error_details_pb2, status_pb2
 
 from ingestd.cli.client import UPLOAD_CHUNK_BYTES
-from ingestd.cli.main import print_search, upload_paths
+from ingestd.cli.main import (
+    cli,
+    job_status_values,
+    print_search,
+    read_pages,
+    upload_paths,
+)
 from ingestd.v1 import resources_pb2, search_service_pb2
 from ingestd.v1 import upload_service_pb2 as upload_pb
 
@@ -219,3 +227,55 @@ def test_search_unavailable_suggests_up(channel, capsys) -> None:
 
     assert isinstance(outcome["error"], SystemExit)
     assert "ingestd up" in capsys.readouterr().err
+
+
+def test_status_failed_means_every_failed_status() -> None:
+    values = job_status_values(("failed", "complete"))
+    names = [resources_pb2.JobStatus.Name(value) for value in values]
+    assert names == [
+        "JOB_STATUS_FAILED_PARSE",
+        "JOB_STATUS_FAILED_CHUNKING",
+        "JOB_STATUS_FAILED_EMBEDDING",
+        "JOB_STATUS_COMPLETE",
+    ]
+
+
+def test_unknown_status_exits_with_choices(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        job_status_values(("failed", "broken"))
+    assert exited.value.code == 1
+    error = " ".join(capsys.readouterr().err.split())
+    assert "unknown status 'broken'" in error
+    assert "failed_embedding" in error
+    assert "or failed for all three failed statuses" in error
+
+
+@pytest.mark.parametrize("command", ["jobs", "documents"])
+def test_limit_below_one_rejected(command: str) -> None:
+    result = CliRunner().invoke(cli, [command, "--limit", "0"])
+    assert result.exit_code == 2
+    assert "0 is not in the range x>=1" in result.output
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected_items", "expected_calls"),
+    [
+        (10, ["a", "b", "c", "d", "e"], [(10, ""), (8, "t1"), (6, "t2")]),
+        (3, ["a", "b", "c"], [(3, ""), (1, "t1")]),
+        (2, ["a", "b"], [(2, "")]),
+    ],
+)
+def test_read_pages_follows_tokens(
+    limit: int, expected_items: list[str], expected_calls: list[tuple[int, str]]
+) -> None:
+    # Each page holds at most two items, as if the server's page size were 2.
+    pages = {"": (["a", "b"], "t1"), "t1": (["c", "d"], "t2"), "t2": (["e"], "")}
+    calls = []
+
+    def fetch(size: int, token: str) -> SimpleNamespace:
+        calls.append((size, token))
+        items, following = pages[token]
+        return SimpleNamespace(items=items[:size], next_page_token=following)
+
+    assert read_pages(fetch, "items", limit) == expected_items
+    assert calls == expected_calls
