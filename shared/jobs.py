@@ -196,9 +196,8 @@ class ClaimedJob:
         )
 
 
-# The claim statement. claim_query replaces {statuses} by one stage's
-# claimable statuses as SQL literals, so the planner can match them to the
-# predicate of that stage's partial index, and {limit} by the batch size.
+# The claim statement. claim_query fills in {statuses} as SQL literals, so
+# the planner matches them to the stage's partial index, and {limit}.
 CLAIM_SQL = """
 WITH candidates AS (
     SELECT job_id, status AS claimed_from
@@ -281,7 +280,9 @@ def claim_query(
     # and scans the whole table, so every claim was planned anew. With a
     # literal, PostgreSQL can reuse a cheap generic plan.
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"claim limit must be a positive integer, got {limit!r}")
+        raise ValueError(
+            f"invalid claim limit {limit!r}: pass a positive integer batch size"
+        )
     return CLAIM_SQL.format(statuses=literals, limit=limit), arguments
 
 

@@ -623,15 +623,15 @@ def print_search(
         console.print(f"   {snippet}", highlight=False, markup=False)
 
 
-# The most items one list call returns.
+# The maximum number of items that one list call returns.
 MAX_PAGE_SIZE = 500
 
 
 def read_pages(fetch: Callable[[int, str], Any], field: str, limit: int) -> list[Any]:
     """Read up to limit items from a paged list call, following next_page_token.
 
-    fetch(page_size, page_token) makes one call; field names the response's
-    repeated field.
+    fetch(page_size, page_token) makes one call. field is the name of the
+    response's repeated field.
     """
     found: list[Any] = []
     token = ""
@@ -660,7 +660,7 @@ FAILED_STATUSES = ("failed_parse", "failed_chunking", "failed_embedding")
 
 
 def job_status_values(statuses: tuple[str, ...]) -> list[int]:
-    """Map --status names to JobStatus values; "failed" stands for every failed status."""
+    """Map --status names to JobStatus values; "failed" means every failed status."""
     names: list[str] = []
     for status in statuses:
         names.extend(FAILED_STATUSES if status.lower() == "failed" else [status])

@@ -268,7 +268,7 @@ def test_limit_below_one_rejected(command: str) -> None:
 def test_read_pages_follows_tokens(
     limit: int, expected_items: list[str], expected_calls: list[tuple[int, str]]
 ) -> None:
-    # Each page holds at most two items, as if the server's page size were 2.
+    # Each page contains at most two items, as if the server's page size were 2.
     pages = {"": (["a", "b"], "t1"), "t1": (["c", "d"], "t2"), "t2": (["e"], "")}
     calls = []
 
