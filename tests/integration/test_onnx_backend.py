@@ -12,9 +12,11 @@ import pytest
 from services.chunker.chunking import MarkdownChunker
 from services.embedder.backends import load_sentence_transformers
 from services.embedder.onnx_backend import (
+    EXPORT_REVISION,
     OnnxBackend,
     export_in_child,
     export_is_intact,
+    open_session,
 )
 from shared.hashing import normalize_text
 from tests.conftest import CORPUS, REPO_ROOT
@@ -105,13 +107,27 @@ def test_version_differs_from_torch_backend(onnx_backend: OnnxBackend) -> None:
 
 
 def test_bert_model_is_exported_fused(onnx_backend: OnnxBackend) -> None:
-    # all-MiniLM-L6-v2 is a BERT model, so its attention and layer norms are
-    # fused, and the file records that in its metadata.
+    # all-MiniLM-L6-v2 is a BERT model, so its attention and GELU are fused,
+    # and the file records that in its metadata.
     assert onnx_backend.graph == "fused"
-    assert onnx_backend.embed_version.startswith("onnx-fused-")
+    assert onnx_backend.embed_version.startswith(f"onnx-fused-r{EXPORT_REVISION}-")
     graph = onnx.load(str(onnx_backend.onnx_path)).graph
     operators = {node.op_type for node in graph.node}
-    assert {"Attention", "SkipLayerNormalization"} <= operators
+    assert {"Attention", "BiasGelu", "LayerNormalization"} <= operators
+    assert "SkipLayerNormalization" not in operators
+
+
+def test_session_keeps_layer_norms_unfused(
+    onnx_backend: OnnxBackend, tmp_path: Path
+) -> None:
+    # By default ONNX Runtime fuses each residual Add and LayerNormalization
+    # into its slower SkipLayerNormalization when it loads the file. The graph
+    # the session runs must still have them apart.
+    optimized = tmp_path / "optimized.onnx"
+    open_session(onnx_backend.onnx_path, 1, optimized_path=optimized)
+    operators = {node.op_type for node in onnx.load(str(optimized)).graph.node}
+    assert "LayerNormalization" in operators
+    assert "SkipLayerNormalization" not in operators
 
 
 def test_failed_export_names_the_cause(tmp_path: Path) -> None:
