@@ -973,12 +973,14 @@ def _expand(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
     """List the files to ingest: given files, and documents inside given folders.
 
     Files in a folder whose suffix is not a document type are skipped and
-    named on stderr, and so are files and folders that cannot be read.
-    Returns the files and the number that cannot be read.
+    named on stderr, and so are symbolic links in a folder that point
+    outside it, and files and folders that cannot be read. Returns the
+    files and the number that cannot be read.
     """
     suffixes = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf"}
     files: list[Path] = []
     skipped: list[Path] = []
+    outside_links: list[Path] = []
     unreadable: list[str] = []
 
     def note_error(error: OSError) -> None:
@@ -986,12 +988,19 @@ def _expand(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
 
     for path in paths:
         if path.is_dir():
+            # os.walk does not descend into linked folders, but it lists
+            # linked files. A link to a file outside the folder would upload
+            # a file that the user did not choose, such as a key in a
+            # home folder.
+            root = path.resolve()
             found_here: list[Path] = []
             for folder, _, names in os.walk(path, onerror=note_error):
                 found_here.extend(Path(folder) / name for name in names)
             for found in sorted(found_here):
                 if found.suffix.lower() not in suffixes:
                     skipped.append(found)
+                elif found.is_symlink() and not found.resolve().is_relative_to(root):
+                    outside_links.append(found)
                 elif not found.is_file() or not os.access(found, os.R_OK):
                     unreadable.append(f"{found}: not a readable file")
                 else:
@@ -1006,6 +1015,15 @@ def _expand(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
         err_console.print(
             f"skipping {len(skipped)} file(s) that are not .md, .markdown, .txt, "
             f".html, .htm or .pdf: {shown(names)}{more}",
+            highlight=False,
+        )
+    if outside_links:
+        names = ", ".join(str(path) for path in outside_links[:10])
+        more = f" and {len(outside_links) - 10} more" if len(outside_links) > 10 else ""
+        err_console.print(
+            f"skipping {len(outside_links)} symbolic link(s) that point outside the "
+            f"folder: {shown(names)}{more}; name a file on the command line to "
+            "upload it",
             highlight=False,
         )
     for problem in unreadable:

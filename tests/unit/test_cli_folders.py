@@ -1,0 +1,60 @@
+"""Which files `ingestd upload FOLDER` picks from a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ingestd.cli.main import _expand
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.md").write_text("# not chosen\n", encoding="utf-8")
+    chosen = tmp_path / "chosen"
+    (chosen / "sub").mkdir(parents=True)
+    (chosen / "notes.md").write_text("# notes\n", encoding="utf-8")
+    (chosen / "sub" / "inner.txt").write_text("inner\n", encoding="utf-8")
+    (chosen / "alias.md").symlink_to(chosen / "notes.md")
+    (chosen / "relative.txt").symlink_to(Path("sub") / "inner.txt")
+    (chosen / "escape.md").symlink_to(outside / "secret.md")
+    (chosen / "sub" / "up.md").symlink_to(Path("..") / ".." / "outside" / "secret.md")
+    (chosen / "linked-folder").symlink_to(outside, target_is_directory=True)
+    return chosen
+
+
+def test_links_outside_folder_skipped(folder: Path, capsys) -> None:
+    files, unreadable = _expand((folder,))
+
+    names = sorted(path.relative_to(folder).as_posix() for path in files)
+    assert names == ["alias.md", "notes.md", "relative.txt", "sub/inner.txt"]
+    assert unreadable == 0
+    message = " ".join(capsys.readouterr().err.split())
+    assert "skipping 2 symbolic link(s) that point outside the folder" in message
+    assert "escape.md" in message
+    assert "up.md" in message
+    assert "name a file on the command line" in message
+
+
+def test_named_link_is_followed(folder: Path, capsys) -> None:
+    # A file named on the command line is the user's choice, link or not.
+    files, unreadable = _expand((folder / "escape.md",))
+
+    assert files == [folder / "escape.md"]
+    assert unreadable == 0
+    assert "symbolic link" not in capsys.readouterr().err
+
+
+def test_folder_given_through_link(folder: Path, tmp_path: Path) -> None:
+    # The folder's own path may be a link. Links inside it are judged
+    # against the folder it points to.
+    link = tmp_path / "link-to-chosen"
+    link.symlink_to(folder, target_is_directory=True)
+
+    files, _ = _expand((link,))
+
+    names = sorted(path.relative_to(link).as_posix() for path in files)
+    assert names == ["alias.md", "notes.md", "relative.txt", "sub/inner.txt"]
