@@ -863,7 +863,7 @@ def delete(obj: dict, document_ids: tuple[str, ...], yes: bool) -> None:
             not_found_hint="`ingestd documents` lists the ids of your documents.",
             describe=lambda response: (
                 f"deleted {response.document_id}: "
-                f"{plural(response.chunks_deleted, 'chunk')}, "
+                f"{plural(response.chunks_deleted, 'searchable chunk')}, "
                 f"{plural(response.jobs_deleted, 'job')}"
             ),
         )

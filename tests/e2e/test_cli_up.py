@@ -131,7 +131,7 @@ def test_up_upload_search_and_ctrl_c(database_url: str, tmp_path: Path) -> None:
         assert "pass --yes" in unasked.stderr
         deleted = run_cli(env, "delete", herons_id, "--yes", timeout=60)
         assert deleted.returncode == 0, deleted.stderr
-        assert f"deleted {herons_id}: 1 chunk, 1 job" in deleted.stdout
+        assert f"deleted {herons_id}: 1 searchable chunk, 1 job" in deleted.stdout
         documents = run_cli(env, "documents", timeout=60)
         assert "herons" not in documents.stdout
         assert "otters.md" in documents.stdout
