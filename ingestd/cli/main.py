@@ -26,6 +26,7 @@ from ingestd.cli.client import (
     upload_requests,
     with_retries,
 )
+from ingestd.cli.snippets import plain_text
 from ingestd.v1 import resources_pb2, search_service_pb2, search_service_pb2_grpc
 from ingestd.v1 import upload_service_pb2 as upload_pb
 from ingestd.v1 import upload_service_pb2_grpc as upload_grpc
@@ -619,7 +620,7 @@ def print_search(
             f"score {result.score:.3f}  {shown(where)}",
             highlight=False,
         )
-        snippet = " ".join(result.text.split())[:300]
+        snippet = plain_text(result.text)[:300]
         console.print(f"   {snippet}", highlight=False, markup=False)
 
 

@@ -198,7 +198,11 @@ def test_search_prints_ranked_results(channel, capsys) -> None:
                     page_end=4,
                     heading_path=["Design"],
                 ),
-                search_service_pb2.SearchResult(filename="notes.md", score=0.5),
+                search_service_pb2.SearchResult(
+                    filename="notes.md",
+                    score=0.5,
+                    text="## Notes\n\nSee **the** [guide](https://example.com/guide).",
+                ),
             ]
         ),
         (),
@@ -216,6 +220,9 @@ def test_search_prints_ranked_results(channel, capsys) -> None:
     assert "score 0.812" in output
     assert "page 3-4, Design" in output
     assert "Leases are renewed by heartbeats." in output
+    # Snippets show a chunk's text without its Markdown markup.
+    assert "Notes See the guide." in output
+    assert "https://example.com" not in output
     assert output.index("paper.pdf") < output.index("notes.md")
 
 
