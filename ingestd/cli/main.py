@@ -17,7 +17,6 @@ import grpc
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from ingestd.cli import keys, supervisor
 from ingestd.cli.client import (
@@ -27,6 +26,7 @@ from ingestd.cli.client import (
     with_retries,
 )
 from ingestd.cli.snippets import plain_text
+from ingestd.cli.tables import Column, print_rows
 from ingestd.v1 import resources_pb2, search_service_pb2, search_service_pb2_grpc
 from ingestd.v1 import upload_service_pb2 as upload_pb
 from ingestd.v1 import upload_service_pb2_grpc as upload_grpc
@@ -72,9 +72,14 @@ def fail(message: str) -> None:
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
+def printable(value: object) -> str:
+    """Return a local path or a server's text with control characters as "?"."""
+    return _UNPRINTABLE.sub("?", str(value))
+
+
 def shown(value: object) -> str:
     """Return a local path or a server's text safe to print as rich markup."""
-    return escape(_UNPRINTABLE.sub("?", str(value)))
+    return escape(printable(value))
 
 
 # Where the CLI took its API key from, for the hint after UNAUTHENTICATED.
@@ -240,26 +245,30 @@ def keys_list(obj: dict, include_revoked: bool) -> None:
             "no API keys in this database; create one with `ingestd keys create --user USER`"
         )
         return
-    table = Table()
-    names = ["key id", "user", "admin", "label", "created"]
+    columns = [
+        Column("key id"),
+        Column("user"),
+        Column("admin"),
+        Column("label", fold=True),
+        Column("created"),
+    ]
     if include_revoked:
-        names.append("revoked")
-    for name in names:
-        table.add_column(name, no_wrap=name != "label")
+        columns.append(Column("revoked"))
+    rows = []
     for record in records:
         row = [
             record.key_id,
-            record.user_id,
+            printable(record.user_id),
             "yes" if record.is_admin else "",
-            record.label,
+            printable(record.label),
             f"{record.created_at:%Y-%m-%d %H:%M}",
         ]
         if include_revoked:
             row.append(
                 f"{record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else ""
             )
-        table.add_row(*row)
-    console.print(table)
+        rows.append(row)
+    print_rows(console, columns, rows)
 
 
 @keys_group.command(name="revoke")
@@ -620,7 +629,7 @@ def print_search(
             f"score {result.score:.3f}  {shown(where)}",
             highlight=False,
         )
-        snippet = plain_text(result.text)[:300]
+        snippet = printable(plain_text(result.text)[:300])
         console.print(f"   {snippet}", highlight=False, markup=False)
 
 
@@ -729,24 +738,22 @@ def jobs(obj: dict, statuses: tuple[str, ...], limit: int, all_users: bool) -> N
                 names = _file_names(stub, obj["user"], found)
             except grpc.RpcError as exc:
                 fail(f"listing the jobs' documents failed: {rpc_error_text(exc)}")
-    table = Table()
-    # Ids and statuses are copied into other commands, so they never wrap.
-    table.add_column("job", no_wrap=True, min_width=36)
-    if all_users:
-        table.add_column("user", no_wrap=True)
-    else:
-        table.add_column("file", overflow="fold")
-    table.add_column("status", no_wrap=True, min_width=21)
-    table.add_column("embedded", no_wrap=True, justify="right")
-    for job in found:
-        owner = [shown(job.user_id if all_users else names.get(job.document_id, ""))]
-        table.add_row(
+    columns = [
+        Column("job"),
+        Column("user") if all_users else Column("file", fold=True),
+        Column("status"),
+        Column("embedded", right_aligned=True),
+    ]
+    rows = [
+        [
             job.job_id,
-            *owner,
+            printable(job.user_id if all_users else names.get(job.document_id, "")),
             status_name(job.status),
             f"{job.progress.embeds_done}/{job.progress.embeds_total}",
-        )
-    console.print(table)
+        ]
+        for job in found
+    ]
+    print_rows(console, columns, rows)
     # Errors go below the table in full, because a column would cut them
     # short in a narrow terminal.
     for job in found:
@@ -812,24 +819,26 @@ def documents(obj: dict, limit: int) -> None:
         console.print("no documents")
         return
 
-    table = Table()
-    table.add_column("document", no_wrap=True, min_width=36)
-    table.add_column("file", overflow="fold")
-    table.add_column("type", no_wrap=True)
-    table.add_column("bytes", no_wrap=True, justify="right")
-    table.add_column("pages", no_wrap=True, justify="right")
-    table.add_column("uploaded", no_wrap=True)
-    for document in found:
-        uploaded = document.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")
-        table.add_row(
+    columns = [
+        Column("document"),
+        Column("file", fold=True),
+        Column("type"),
+        Column("bytes", right_aligned=True),
+        Column("pages", right_aligned=True),
+        Column("uploaded"),
+    ]
+    rows = [
+        [
             document.document_id,
-            shown(document.filename),
-            shown(document.content_type),
+            printable(document.filename),
+            printable(document.content_type),
             f"{document.byte_size:,}",
             str(document.page_count or ""),
-            uploaded,
-        )
-    console.print(table)
+            document.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC"),
+        ]
+        for document in found
+    ]
+    print_rows(console, columns, rows)
 
 
 @cli.command()
