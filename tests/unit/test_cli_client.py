@@ -226,6 +226,31 @@ def test_search_prints_ranked_results(channel, capsys) -> None:
     assert output.index("paper.pdf") < output.index("notes.md")
 
 
+def test_search_snippet_control_characters_replaced(channel, capsys) -> None:
+    # The server's text is not trusted: an escape sequence or a direction
+    # override would reach the terminal.
+    thread, _ = run_in_thread(lambda: print_search(channel, None, "x", 5))
+    _, _, rpc = channel.take_unary_unary(SEARCH)
+    rpc.terminate(
+        search_service_pb2.SearchResponse(
+            results=[
+                search_service_pb2.SearchResult(
+                    filename="a.md", score=0.5, text="red \x1b[31mtext\u202e end"
+                )
+            ]
+        ),
+        (),
+        grpc.StatusCode.OK,
+        "",
+    )
+    thread.join(timeout=10)
+    output = capsys.readouterr().out
+
+    assert "red ?[31mtext? end" in output
+    assert "\x1b" not in output
+    assert "\u202e" not in output
+
+
 def test_search_unavailable_suggests_up(channel, capsys) -> None:
     thread, outcome = run_in_thread(lambda: print_search(channel, None, "x", 5))
     _, _, rpc = channel.take_unary_unary(SEARCH)
