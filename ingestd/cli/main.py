@@ -983,14 +983,15 @@ def _expand(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
     """List the files to ingest: given files, and documents inside given folders.
 
     Files in a folder whose suffix is not a document type are skipped and
-    named on stderr, and so are symbolic links in a folder that point
-    outside it, and files and folders that cannot be read. Returns the
-    files and the number that cannot be read.
+    named on stderr. So are symbolic links in a folder that point outside
+    it, linked folders, and files and folders that cannot be read. Returns
+    the files and the number that cannot be read.
     """
     suffixes = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf"}
     files: list[Path] = []
     skipped: list[Path] = []
     outside_links: list[Path] = []
+    linked_folders: list[Path] = []
     unreadable: list[str] = []
 
     def note_error(error: OSError) -> None:
@@ -1004,14 +1005,26 @@ def _expand(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
             # home folder.
             root = path.resolve()
             found_here: list[Path] = []
-            for folder, _, names in os.walk(path, onerror=note_error):
+            for folder, folder_names, names in os.walk(path, onerror=note_error):
                 found_here.extend(Path(folder) / name for name in names)
+                linked_folders.extend(
+                    Path(folder) / name
+                    for name in folder_names
+                    if (Path(folder) / name).is_symlink()
+                )
             for found in sorted(found_here):
                 if found.suffix.lower() not in suffixes:
                     skipped.append(found)
-                elif found.is_symlink() and not found.resolve().is_relative_to(root):
-                    outside_links.append(found)
-                elif not found.is_file() or not os.access(found, os.R_OK):
+                    continue
+                if found.is_symlink():
+                    target = _link_target(found)
+                    if target is None:
+                        unreadable.append(f"{found}: symbolic link loop")
+                        continue
+                    if not target.is_relative_to(root):
+                        outside_links.append(found)
+                        continue
+                if not found.is_file() or not os.access(found, os.R_OK):
                     unreadable.append(f"{found}: not a readable file")
                 else:
                     files.append(found)
@@ -1028,17 +1041,38 @@ def _expand(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
             highlight=False,
         )
     if outside_links:
-        names = ", ".join(str(path) for path in outside_links[:10])
-        more = f" and {len(outside_links) - 10} more" if len(outside_links) > 10 else ""
-        err_console.print(
+        _print_skipped(
             f"skipping {len(outside_links)} symbolic link(s) that point outside the "
-            f"folder: {shown(names)}{more}; name a file on the command line to "
-            "upload it",
-            highlight=False,
+            "folder",
+            outside_links,
+            "name a file on the command line to upload it",
+        )
+    if linked_folders:
+        _print_skipped(
+            f"skipping {len(linked_folders)} linked folder(s)",
+            linked_folders,
+            "name a folder on the command line to upload its files",
         )
     for problem in unreadable:
         err_console.print(f"[red]cannot read[/red] {shown(problem)}", highlight=False)
     return files, len(unreadable)
+
+
+def _link_target(link: Path) -> Path | None:
+    """Return the path a symbolic link finally points to, or None for a loop."""
+    try:
+        return link.resolve(strict=False)
+    except (RuntimeError, OSError):
+        # Python 3.11 and 3.12 raise RuntimeError for a loop. Python 3.13
+        # resolves the path as far as it goes, and the file check then fails.
+        return None
+
+
+def _print_skipped(message: str, paths: list[Path], hint: str) -> None:
+    """Name up to 10 skipped paths on stderr after message, then the hint."""
+    names = ", ".join(str(path) for path in paths[:10])
+    more = f" and {len(paths) - 10} more" if len(paths) > 10 else ""
+    err_console.print(f"{message}: {shown(names)}{more}; {hint}", highlight=False)
 
 
 def main() -> None:

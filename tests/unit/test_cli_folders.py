@@ -37,6 +37,8 @@ def test_links_outside_folder_skipped(folder: Path, capsys) -> None:
     assert "escape.md" in message
     assert "up.md" in message
     assert "name a file on the command line" in message
+    assert "skipping 1 linked folder(s): " in message
+    assert "linked-folder" in message
 
 
 def test_named_link_is_followed(folder: Path, capsys) -> None:
@@ -58,3 +60,17 @@ def test_folder_given_through_link(folder: Path, tmp_path: Path) -> None:
 
     names = sorted(path.relative_to(link).as_posix() for path in files)
     assert names == ["alias.md", "notes.md", "relative.txt", "sub/inner.txt"]
+
+
+def test_link_loop_named_and_rest_uploaded(folder: Path, capsys) -> None:
+    (folder / "loop1.md").symlink_to("loop2.md")
+    (folder / "loop2.md").symlink_to("loop1.md")
+
+    files, unreadable = _expand((folder,))
+
+    names = sorted(path.relative_to(folder).as_posix() for path in files)
+    assert names == ["alias.md", "notes.md", "relative.txt", "sub/inner.txt"]
+    assert unreadable == 2
+    message = " ".join(capsys.readouterr().err.split())
+    assert "loop1.md" in message
+    assert "loop2.md" in message
