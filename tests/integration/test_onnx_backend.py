@@ -10,14 +10,18 @@ import onnx
 import pytest
 
 from services.chunker.chunking import MarkdownChunker
-from services.embedder.backends import load_sentence_transformers
+from services.embedder.backends import file_sha256, load_sentence_transformers
 from services.embedder.onnx_backend import (
     EXPORT_REVISION,
     OnnxBackend,
     export_in_child,
     export_is_intact,
+    hash_path,
     open_session,
 )
+from services.embedder.server import build_backend
+from shared.config import Settings
+from shared.grpc_server import StartupError
 from shared.hashing import normalize_text
 from tests.conftest import CORPUS, REPO_ROOT
 
@@ -151,3 +155,35 @@ def test_damaged_export_is_exported_again(tmp_path: Path) -> None:
     assert export_is_intact(second.onnx_path)
     actual = second.embed(["a lease is renewed by its heartbeat"])
     np.testing.assert_allclose(actual, expected, atol=1e-6)
+
+
+def test_unloadable_export_names_files(
+    onnx_backend: OnnxBackend, tmp_path: Path
+) -> None:
+    # A file that matches its recorded hash but is not a model: both were
+    # replaced. The error names the files to delete.
+    garbage = tmp_path / onnx_backend.onnx_path.name
+    garbage.write_bytes(b"not an onnx model")
+    hash_path(garbage).write_text(file_sha256(garbage) + "\n", encoding="ascii")
+
+    with pytest.raises(RuntimeError, match="cannot load") as excinfo:
+        OnnxBackend(MODEL_DIR, tmp_path, threads=1)
+
+    message = str(excinfo.value)
+    assert str(garbage) in message
+    assert hash_path(garbage).name in message
+    assert "exports the model again" in message
+
+
+def test_unusable_cache_folder_stops_embedder(tmp_path: Path) -> None:
+    # The data folder's models path is a file, so nothing can be exported
+    # there: the embedder stops with one message that names the fix.
+    (tmp_path / "models").write_text("", encoding="utf-8")
+    settings = Settings(data_dir=tmp_path, embed_backend="onnx")
+
+    with pytest.raises(StartupError, match="cannot be used") as excinfo:
+        build_backend(settings)
+
+    message = str(excinfo.value)
+    assert str(tmp_path / "models") in message
+    assert "INGESTD_DATA_DIR" in message
