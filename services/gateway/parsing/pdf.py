@@ -80,13 +80,15 @@ def _load_error(exc: pdfium.PdfiumError, password: str | None) -> ParseError:
         return ParseError(
             "encrypted_password_required",
             "the PDF is encrypted and needs a password; upload it again with "
-            "the document's user or owner password",
+            "the document's user or owner password (`ingestd upload --password`, "
+            "or the password field of the upload's metadata)",
         )
     if exc.err_code == pdfium_c.FPDF_ERR_PASSWORD:
         return ParseError(
             "encrypted_password_wrong",
             "the password given for the encrypted PDF is incorrect; upload it "
-            "again with the document's user or owner password",
+            "again with the document's user or owner password (`ingestd upload "
+            "--password`, or the password field of the upload's metadata)",
         )
     if exc.err_code == pdfium_c.FPDF_ERR_SECURITY:
         return ParseError(
