@@ -479,7 +479,9 @@ class DeleteDocumentResponse(_message.Message):
     document_id: _builtins.str
     """UUID of the deleted document."""
     chunks_deleted: _builtins.int
-    """Number of searchable chunks removed."""
+    """Number of searchable chunks removed. A chunk embedded by several models
+    or versions counts once.
+    """
     jobs_deleted: _builtins.int
     """Number of jobs removed."""
     def __init__(

@@ -971,9 +971,11 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                         f"document {request.document_id} not found",
                         reason="DOCUMENT_NOT_FOUND",
                     )
+                # A chunk embedded by two models or versions has a row for
+                # each, and counts once.
                 chunks = await connection.fetchval(
-                    "WITH d AS (DELETE FROM document_chunks WHERE document_id = $1 RETURNING 1) "
-                    "SELECT count(*) FROM d",
+                    "WITH d AS (DELETE FROM document_chunks WHERE document_id = $1 "
+                    "RETURNING chunk_id) SELECT count(DISTINCT chunk_id) FROM d",
                     document_id,
                 )
                 job_count = await connection.fetchval(

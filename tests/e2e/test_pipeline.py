@@ -181,11 +181,31 @@ async def test_delete_document_removes_search_results(pipeline: Pipeline, pool) 
     before = await search.Search(request)
     assert before.results[0].document_id == response.document.document_id
 
+    # A copy of every chunk under another embed_version, as a second backend
+    # would write: the count of deleted chunks still counts each chunk once.
+    async with pool.acquire() as connection, connection.transaction():
+        chunk_count = await connection.fetchval(
+            "SELECT count(*) FROM document_chunks WHERE document_id = $1",
+            uuid.UUID(response.document.document_id),
+        )
+        await connection.execute(
+            "CREATE TEMP TABLE other_version ON COMMIT DROP AS "
+            "SELECT * FROM document_chunks WHERE document_id = $1",
+            uuid.UUID(response.document.document_id),
+        )
+        await connection.execute(
+            "UPDATE other_version SET embed_version = embed_version || '-other'"
+        )
+        await connection.execute(
+            "INSERT INTO document_chunks SELECT * FROM other_version"
+        )
+
     stub = upload_grpc.UploadServiceStub(pipeline.gateway_channel)
     deleted = await stub.DeleteDocument(
         upload_pb.DeleteDocumentRequest(document_id=response.document.document_id)
     )
-    assert deleted.chunks_deleted >= 1
+    assert chunk_count >= 1
+    assert deleted.chunks_deleted == chunk_count
     after = await search.Search(request)
     assert response.document.document_id not in {r.document_id for r in after.results}
     async with pool.acquire() as connection:
