@@ -464,7 +464,11 @@ def upload(
     """Upload files and folders; with --wait, follow each to complete or failed.
 
     A folder is searched recursively for .md, .markdown, .txt, .html, .htm
-    and .pdf files.
+    and .pdf files. Hidden files and folders (.git, .venv), linked folders
+    and links to files outside the folder are skipped and named. A file
+    named on the command line is uploaded even if it is hidden or a link.
+    The exit status is 1 when any file could not be read or uploaded, or,
+    with --wait, did not complete.
     """
     files, unreadable = _expand(paths)
     if not files:
@@ -983,15 +987,17 @@ def _expand(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
     """List the files to ingest: given files, and documents inside given folders.
 
     Files in a folder whose suffix is not a document type are skipped and
-    named on stderr. So are symbolic links in a folder that point outside
-    it, linked folders, and files and folders that cannot be read. Returns
-    the files and the number that cannot be read.
+    named on stderr. So are hidden files and folders (names that start with
+    a dot, such as .git and .venv), symbolic links in a folder that point
+    outside it, linked folders, and files and folders that cannot be read.
+    Returns the files and the number that cannot be read.
     """
     suffixes = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf"}
     files: list[Path] = []
     skipped: list[Path] = []
     outside_links: list[Path] = []
     linked_folders: list[Path] = []
+    hidden: list[Path] = []
     unreadable: list[str] = []
 
     def note_error(error: OSError) -> None:
@@ -1005,8 +1011,21 @@ def _expand(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
             # home folder.
             root = path.resolve()
             found_here: list[Path] = []
-            for folder, folder_names, names in os.walk(path, onerror=note_error):
-                found_here.extend(Path(folder) / name for name in names)
+            for folder, folder_names, file_names in os.walk(path, onerror=note_error):
+                # Hidden folders (.git, .venv) are not walked into.
+                hidden.extend(
+                    Path(folder) / name
+                    for name in folder_names + file_names
+                    if name.startswith(".")
+                )
+                folder_names[:] = [
+                    name for name in folder_names if not name.startswith(".")
+                ]
+                found_here.extend(
+                    Path(folder) / name
+                    for name in file_names
+                    if not name.startswith(".")
+                )
                 linked_folders.extend(
                     Path(folder) / name
                     for name in folder_names
@@ -1046,6 +1065,12 @@ def _expand(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
             "folder",
             outside_links,
             "name a file on the command line to upload it",
+        )
+    if hidden:
+        _print_skipped(
+            f"skipping {len(hidden)} hidden file(s) and folder(s)",
+            sorted(hidden),
+            "name them on the command line to upload them",
         )
     if linked_folders:
         _print_skipped(

@@ -74,3 +74,22 @@ def test_link_loop_named_and_rest_uploaded(folder: Path, capsys) -> None:
     message = " ".join(capsys.readouterr().err.split())
     assert "loop1.md" in message
     assert "loop2.md" in message
+
+
+def test_hidden_entries_skipped_unless_named(tmp_path: Path, capsys) -> None:
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "description.txt").write_text("git\n", encoding="utf-8")
+    (tmp_path / ".venv" / "lib").mkdir(parents=True)
+    (tmp_path / ".venv" / "lib" / "README.md").write_text("pkg\n", encoding="utf-8")
+    (tmp_path / ".draft.md").write_text("# draft\n", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("# notes\n", encoding="utf-8")
+
+    files, unreadable = _expand((tmp_path,))
+
+    assert files == [tmp_path / "notes.md"]
+    assert unreadable == 0
+    message = " ".join(capsys.readouterr().err.split())
+    assert "skipping 3 hidden file(s) and folder(s)" in message
+    assert ".draft.md" in message
+    # A hidden file named on the command line is uploaded.
+    assert _expand((tmp_path / ".draft.md",))[0] == [tmp_path / ".draft.md"]
