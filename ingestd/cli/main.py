@@ -16,7 +16,9 @@ import click
 import grpc
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from ingestd.cli import keys, supervisor
 from ingestd.cli.client import (
@@ -25,7 +27,7 @@ from ingestd.cli.client import (
     upload_requests,
     with_retries,
 )
-from ingestd.cli.snippets import plain_text
+from ingestd.cli.snippets import SNIPPET_CHARS, plain_text, shorten
 from ingestd.cli.tables import Column, print_rows
 from ingestd.v1 import resources_pb2, search_service_pb2, search_service_pb2_grpc
 from ingestd.v1 import upload_service_pb2 as upload_pb
@@ -37,7 +39,9 @@ from shared.logging import configure_logging
 # file names stay whole on one line, for grep and for copying.
 PIPED_WIDTH = 200
 console = Console()
-err_console = Console(stderr=True)
+# Messages are not broken at the console width when stderr goes to a file,
+# so a grep finds a whole phrase.
+err_console = Console(stderr=True, soft_wrap=True)
 for _output in (console, err_console):
     if not _output.is_terminal:
         _output.width = max(_output.width, PIPED_WIDTH)
@@ -60,6 +64,16 @@ def status_name(value: int) -> str:
 def plural(count: int, noun: str) -> str:
     """Return "1 chunk" or "3 chunks"."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def exit_description(returncode: int) -> str:
+    """Describe a child's exit: "exited with status 2" or "was killed by SIGKILL"."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
 
 
 def fail(message: str) -> None:
@@ -367,7 +381,8 @@ def up(obj: dict, log_dir: Path | None) -> None:
             exited = [child for child in children if child.process.poll() is not None]
             if exited:
                 err_console.print(
-                    f"[red]{exited[0].name} exited with status {exited[0].process.returncode}; stopping[/red]"
+                    f"[red]{exited[0].name} {exit_description(exited[0].process.returncode)}"
+                    "; stopping[/red]"
                 )
                 failed = True
                 break
@@ -609,15 +624,16 @@ def print_search(
             highlight=False,
         )
     if not response.results:
+        # Scores are cosine similarities, so -1 already admits every chunk.
+        hint = " (try --min-score -1 to see weak matches)" if min_score > -1 else ""
         console.print(
             f"no results with a score of at least {min_score} among the documents "
-            f"embedded with {response.embed_model} {response.embed_version} "
-            "(try --min-score -1 to see weak matches)",
+            f"embedded with {response.embed_model} {response.embed_version}{hint}",
             highlight=False,
         )
         return
     for rank, result in enumerate(response.results, start=1):
-        where = " > ".join(result.heading_path)
+        where = " > ".join(plain_text(heading) for heading in result.heading_path)
         if result.page_start:
             where = (
                 f"page {result.page_start}"
@@ -633,8 +649,8 @@ def print_search(
             f"score {result.score:.3f}  {shown(where)}",
             highlight=False,
         )
-        snippet = printable(plain_text(result.text)[:300])
-        console.print(f"   {snippet}", highlight=False, markup=False)
+        snippet = printable(shorten(plain_text(result.text), SNIPPET_CHARS))
+        console.print(Padding(Text(snippet), (0, 0, 0, 3)))
 
 
 # The maximum number of items that one list call returns.

@@ -7,9 +7,16 @@ import re
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-# Tables are not CommonMark, but the parsers write them for PDF and HTML
-# tables, so the table rule is enabled to read their cells.
-_MARKDOWN = MarkdownIt("commonmark").enable("table")
+# Tables and strikethrough are not CommonMark, but the parsers write them
+# for PDF and HTML documents, so both rules are enabled.
+_MARKDOWN = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+
+# Characters of a snippet in search results.
+SNIPPET_CHARS = 300
+
+# A line of table cells. A chunk that starts inside a table has rows
+# without the header, which the table rule needs, so they parse as text.
+_TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$")
 
 _HTML_TAG = re.compile(r"<[^>]*>")
 
@@ -32,9 +39,17 @@ def plain_text(markdown: str) -> str:
         elif token.type == "html_block":
             blocks.append(_HTML_TAG.sub(" ", token.content))
         elif token.type == "inline":
-            blocks.append(
-                "".join(_inline_text(child) for child in token.children or [])
-            )
+            if token.content and all(
+                _TABLE_ROW.match(line) for line in token.content.splitlines()
+            ):
+                cells = _MARKDOWN.parseInline(token.content.replace("|", " "))
+                blocks.append(
+                    "".join(_inline_text(child) for child in cells[0].children or [])
+                )
+            else:
+                blocks.append(
+                    "".join(_inline_text(child) for child in token.children or [])
+                )
     text = " ".join(" ".join(blocks).split())
     # A chunk of only rules or tags has no text of its own. Its raw text is
     # shown instead of an empty line.
@@ -42,10 +57,21 @@ def plain_text(markdown: str) -> str:
 
 
 def _inline_text(token: Token) -> str:
-    """Return the visible text of one inline token: markup and HTML give none."""
+    """Return the visible text of one inline token: markup gives none."""
     if token.type in ("text", "code_inline", "image"):
         # An image token's content is its alt text.
         return token.content
-    if token.type in ("softbreak", "hardbreak"):
+    if token.type in ("softbreak", "hardbreak", "html_inline"):
+        # An inline tag such as <br> separates words.
         return " "
     return ""
+
+
+def shorten(text: str, limit: int) -> str:
+    """Return text cut to at most limit characters at a space, with "…" if cut."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    if cut < limit // 2:
+        cut = limit - 1
+    return text[:cut].rstrip() + "…"

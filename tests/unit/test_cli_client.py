@@ -21,6 +21,7 @@ from google.rpc import error_details_pb2, status_pb2
 from ingestd.cli.client import UPLOAD_CHUNK_BYTES
 from ingestd.cli.main import (
     cli,
+    exit_description,
     job_status_values,
     print_search,
     read_pages,
@@ -196,7 +197,7 @@ def test_search_prints_ranked_results(channel, capsys) -> None:
                     text="Leases   are\nrenewed by heartbeats.",
                     page_start=3,
                     page_end=4,
-                    heading_path=["Design"],
+                    heading_path=["**Design**"],
                 ),
                 search_service_pb2.SearchResult(
                     filename="notes.md",
@@ -311,3 +312,22 @@ def test_read_pages_follows_tokens(
 
     assert read_pages(fetch, "items", limit) == expected_items
     assert calls == expected_calls
+
+
+def test_no_results_hint_only_above_minus_one(channel, capsys) -> None:
+    for min_score, hinted in ((0.5, True), (-1.0, False)):
+        thread, _ = run_in_thread(
+            lambda min_score=min_score: print_search(channel, None, "x", 5, min_score)
+        )
+        _, _, rpc = channel.take_unary_unary(SEARCH)
+        rpc.terminate(search_service_pb2.SearchResponse(), (), grpc.StatusCode.OK, "")
+        thread.join(timeout=10)
+        output = " ".join(capsys.readouterr().out.split())
+
+        assert f"no results with a score of at least {min_score}" in output
+        assert ("try --min-score -1" in output) is hinted
+
+
+def test_exit_description_names_signal() -> None:
+    assert exit_description(2) == "exited with status 2"
+    assert exit_description(-9) == "was killed by SIGKILL"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ingestd.cli.snippets import plain_text
+from ingestd.cli.snippets import plain_text, shorten
 
 
 @pytest.mark.parametrize(
@@ -26,6 +26,13 @@ from ingestd.cli.snippets import plain_text
         ('<p align="center"><b>ingestd</b></p>', "ingestd"),
         ("> quoted\n> text", "quoted text"),
         ("un**break**able", "unbreakable"),
+        ("winter.<br>They left", "winter. They left"),
+        ("~~old~~ new", "old new"),
+        # Rows of a table whose header is in the chunk before.
+        (
+            "| Open-Meteo | **Global** weather | No |\n| Licenses | [MIT](https://x.org) | Yes |",
+            "Open-Meteo Global weather No Licenses MIT Yes",
+        ),
     ],
 )
 def test_markup_removed(markdown: str, expected: str) -> None:
@@ -40,3 +47,10 @@ def test_plain_text_whitespace_collapsed() -> None:
 
 def test_rule_only_chunk_keeps_raw_text() -> None:
     assert plain_text("* * *\n\n---") == "* * * ---"
+
+
+def test_shorten_cuts_at_space_with_ellipsis() -> None:
+    assert shorten("a job resumes from its step", 14) == "a job resumes…"
+    assert shorten("short", 14) == "short"
+    # A single long word is cut inside it.
+    assert shorten("x" * 30, 10) == "x" * 9 + "…"
