@@ -650,7 +650,7 @@ def print_search(
             highlight=False,
         )
         snippet = printable(shorten(plain_text(result.text), SNIPPET_CHARS))
-        console.print(Padding(Text(snippet), (0, 0, 0, 3)))
+        console.print(Padding(Text(snippet), (0, 0, 0, 3), expand=False))
 
 
 # The maximum number of items that one list call returns.
