@@ -1068,12 +1068,10 @@ def _expand(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
         else:
             unreadable.append(f"{path}: not a regular file or folder")
     if skipped:
-        names = ", ".join(str(path) for path in skipped[:10])
-        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        err_console.print(
+        _print_skipped(
             f"skipping {len(skipped)} file(s) that are not .md, .markdown, .txt, "
-            f".html, .htm or .pdf: {shown(names)}{more}",
-            highlight=False,
+            ".html, .htm or .pdf",
+            skipped,
         )
     if outside_links:
         _print_skipped(
@@ -1109,11 +1107,12 @@ def _link_target(link: Path) -> Path | None:
         return None
 
 
-def _print_skipped(message: str, paths: list[Path], hint: str) -> None:
-    """Name up to 10 skipped paths on stderr after message, then the hint."""
+def _print_skipped(message: str, paths: list[Path], hint: str = "") -> None:
+    """Print message on stderr with up to 10 of the skipped paths, then the hint."""
     names = ", ".join(str(path) for path in paths[:10])
     more = f" and {len(paths) - 10} more" if len(paths) > 10 else ""
-    err_console.print(f"{message}: {shown(names)}{more}; {hint}", highlight=False)
+    ending = f"; {hint}" if hint else ""
+    err_console.print(f"{message}: {shown(names)}{more}{ending}", highlight=False)
 
 
 def main() -> None:

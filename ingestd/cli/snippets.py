@@ -28,9 +28,9 @@ def plain_text(markdown: str) -> str:
     """Return the text of a Markdown chunk without its markup, on one line.
 
     The markup of headings, emphasis, links and tables is dropped, and
-    their text is kept. An image keeps its alt text, and code its content. HTML
-    keeps only the text between its tags. Text without any Markdown comes
-    back with its whitespace collapsed.
+    their text is kept. An image keeps its alt text, and code its content.
+    HTML keeps only the text between its tags. Text without any Markdown
+    comes back with its whitespace collapsed.
     """
     blocks: list[str] = []
     for token in _MARKDOWN.parse(markdown):
@@ -39,17 +39,15 @@ def plain_text(markdown: str) -> str:
         elif token.type == "html_block":
             blocks.append(_HTML_TAG.sub(" ", token.content))
         elif token.type == "inline":
+            inline = token
             if token.content and all(
                 _TABLE_ROW.match(line) for line in token.content.splitlines()
             ):
-                cells = _MARKDOWN.parseInline(token.content.replace("|", " "))
-                blocks.append(
-                    "".join(_inline_text(child) for child in cells[0].children or [])
-                )
-            else:
-                blocks.append(
-                    "".join(_inline_text(child) for child in token.children or [])
-                )
+                # The rows' cells are read as one line of inline text.
+                (inline,) = _MARKDOWN.parseInline(token.content.replace("|", " "))
+            blocks.append(
+                "".join(_inline_text(child) for child in inline.children or [])
+            )
     text = " ".join(" ".join(blocks).split())
     # A chunk of only rules or tags has no text of its own. Its raw text is
     # shown instead of an empty line.

@@ -8,6 +8,13 @@ import pytest
 
 from ingestd.cli.main import _expand
 
+# The files of the fixture folder that an upload of the folder picks.
+CHOSEN_FILES = ["alias.md", "notes.md", "relative.txt", "sub/inner.txt"]
+
+
+def relative_names(files: list[Path], folder: Path) -> list[str]:
+    return sorted(path.relative_to(folder).as_posix() for path in files)
+
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
@@ -29,8 +36,7 @@ def folder(tmp_path: Path) -> Path:
 def test_links_outside_folder_skipped(folder: Path, capsys) -> None:
     files, unreadable = _expand((folder,))
 
-    names = sorted(path.relative_to(folder).as_posix() for path in files)
-    assert names == ["alias.md", "notes.md", "relative.txt", "sub/inner.txt"]
+    assert relative_names(files, folder) == CHOSEN_FILES
     assert unreadable == 0
     message = " ".join(capsys.readouterr().err.split())
     assert "skipping 2 symbolic link(s) that point outside the folder" in message
@@ -58,18 +64,16 @@ def test_folder_given_through_link(folder: Path, tmp_path: Path) -> None:
 
     files, _ = _expand((link,))
 
-    names = sorted(path.relative_to(link).as_posix() for path in files)
-    assert names == ["alias.md", "notes.md", "relative.txt", "sub/inner.txt"]
+    assert relative_names(files, link) == CHOSEN_FILES
 
 
-def test_link_loop_named_and_rest_uploaded(folder: Path, capsys) -> None:
+def test_link_loop_reported_unreadable(folder: Path, capsys) -> None:
     (folder / "loop1.md").symlink_to("loop2.md")
     (folder / "loop2.md").symlink_to("loop1.md")
 
     files, unreadable = _expand((folder,))
 
-    names = sorted(path.relative_to(folder).as_posix() for path in files)
-    assert names == ["alias.md", "notes.md", "relative.txt", "sub/inner.txt"]
+    assert relative_names(files, folder) == CHOSEN_FILES
     assert unreadable == 2
     message = " ".join(capsys.readouterr().err.split())
     assert "loop1.md" in message
