@@ -7,8 +7,8 @@ and the embedding layer norm, into ONNX Runtime's own transformer
 operators, which run about a quarter faster on a CPU. The other layer norms
 stay standard LayerNormalization nodes (see ``_fuse_if_equal``). The fused
 graph is kept only when its vectors match the plain graph's on a padded
-sample batch. Otherwise the plain graph is used. The file's metadata says
-which one it holds.
+sample batch. Otherwise the plain graph is used. The file's metadata
+records which one it contains.
 Tokenization uses the folder's ``tokenizer.json`` with the model's input
 limit, and pooling follows ``1_Pooling/config.json`` (mean pooling over the
 attention mask), then every vector is scaled to unit length, as
@@ -331,9 +331,9 @@ class OnnxBackend:
             # The file matched its recorded hash, so both were replaced, or
             # ONNX Runtime cannot read what this export wrote.
             raise RuntimeError(
-                f"ONNX Runtime cannot load {self.onnx_path}: {exc}; delete it and "
-                f"{hash_path(self.onnx_path).name} beside it, and the next start "
-                "exports the model again"
+                f"ONNX Runtime failed to load {self.onnx_path}: {exc}. Delete it "
+                f"and {hash_path(self.onnx_path).name} beside it, and the next "
+                "start exports the model again"
             ) from exc
         # The fused and plain graphs, and the graphs of different export
         # revisions, differ in the last float32 bits, so each has its own
