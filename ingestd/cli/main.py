@@ -650,7 +650,13 @@ def print_search(
             highlight=False,
         )
         snippet = printable(shorten(plain_text(result.text), SNIPPET_CHARS))
-        console.print(Padding(Text(snippet), (0, 0, 0, 3), expand=False))
+        if console.is_terminal:
+            # Wrapped lines keep the indent.
+            console.print(Padding(Text(snippet), (0, 0, 0, 3), expand=False))
+        else:
+            # Piped output keeps each snippet on one line, without the
+            # trailing spaces that padding adds to wrapped lines.
+            console.print(Text(f"   {snippet}"), soft_wrap=True)
 
 
 # The maximum number of items that one list call returns.

@@ -314,6 +314,29 @@ def test_read_pages_follows_tokens(
     assert calls == expected_calls
 
 
+def test_piped_snippet_on_one_line(channel, capsys) -> None:
+    thread, _ = run_in_thread(lambda: print_search(channel, None, "x", 5))
+    _, _, rpc = channel.take_unary_unary(SEARCH)
+    rpc.terminate(
+        search_service_pb2.SearchResponse(
+            results=[
+                search_service_pb2.SearchResult(
+                    filename="a.md", score=0.5, text="word " * 100
+                )
+            ]
+        ),
+        (),
+        grpc.StatusCode.OK,
+        "",
+    )
+    thread.join(timeout=10)
+    lines = capsys.readouterr().out.splitlines()
+
+    snippet = [line for line in lines if line.startswith("   word")]
+    assert len(snippet) == 1
+    assert snippet[0].endswith("word…")
+
+
 def test_no_results_hint_only_above_minus_one(channel, capsys) -> None:
     for min_score, hinted in ((0.5, True), (-1.0, False)):
         thread, _ = run_in_thread(
