@@ -227,24 +227,24 @@ def test_search_prints_ranked_results(channel, capsys) -> None:
     assert output.index("paper.pdf") < output.index("notes.md")
 
 
-def test_search_snippet_control_characters_replaced(channel, capsys) -> None:
-    # The server's text is not trusted: an escape sequence or a direction
-    # override would reach the terminal.
+def search_with_one_result(channel, text: str) -> None:
+    """Run print_search against a server that returns one result with text."""
     thread, _ = run_in_thread(lambda: print_search(channel, None, "x", 5))
     _, _, rpc = channel.take_unary_unary(SEARCH)
+    result = search_service_pb2.SearchResult(filename="a.md", score=0.5, text=text)
     rpc.terminate(
-        search_service_pb2.SearchResponse(
-            results=[
-                search_service_pb2.SearchResult(
-                    filename="a.md", score=0.5, text="red \x1b[31mtext\u202e end"
-                )
-            ]
-        ),
+        search_service_pb2.SearchResponse(results=[result]),
         (),
         grpc.StatusCode.OK,
         "",
     )
     thread.join(timeout=10)
+
+
+def test_search_snippet_control_characters_replaced(channel, capsys) -> None:
+    # The server's text is not trusted: an escape sequence or a direction
+    # override would reach the terminal.
+    search_with_one_result(channel, "red \x1b[31mtext\u202e end")
     output = capsys.readouterr().out
 
     assert "red ?[31mtext? end" in output
@@ -315,21 +315,7 @@ def test_read_pages_follows_tokens(
 
 
 def test_piped_snippet_on_one_line(channel, capsys) -> None:
-    thread, _ = run_in_thread(lambda: print_search(channel, None, "x", 5))
-    _, _, rpc = channel.take_unary_unary(SEARCH)
-    rpc.terminate(
-        search_service_pb2.SearchResponse(
-            results=[
-                search_service_pb2.SearchResult(
-                    filename="a.md", score=0.5, text="word " * 100
-                )
-            ]
-        ),
-        (),
-        grpc.StatusCode.OK,
-        "",
-    )
-    thread.join(timeout=10)
+    search_with_one_result(channel, "word " * 100)
     lines = capsys.readouterr().out.splitlines()
 
     snippet = [line for line in lines if line.startswith("   word")]
